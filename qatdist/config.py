@@ -1,0 +1,377 @@
+"""Typed run configuration: TOML file + `--section.key=value` overrides, strict about typos.
+
+Precedence is CLI > file > defaults. Every field has a one-line help text (`metadata["help"]`)
+that `python -m qatdist.train --help` prints. Validation happens here, before any process
+group starts, and every error names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, has the wrong type or an invalid value."""
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _f("runs/default", "Run directory: checkpoints, reports, TensorBoard logs.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "resnet18",
+        "torchvision classification model name, or a factory 'package.module:function' "
+        "called with num_classes.",
+    )
+    weights: str = _f("", "Optional local weights file (state dict) loaded before capture.")
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = _f("", "Train shards: webdataset brace pattern or glob of .tar files.")
+    val_shards: str = _f("", "Validation shards: brace pattern or glob of .tar files.")
+    image_size: int = _f(64, "Square input size in pixels after transforms.")
+    num_classes: int = _f(10, "Number of classes (labels are 0..num_classes-1).")
+    num_workers: int = _f(1, "DataLoader worker processes per rank (0 = load in the rank).")
+    shuffle_buffer: int = _f(512, "Samples held in each worker's shuffle buffer.")
+    on_error: str = _f(
+        "raise", "Bad sample policy: 'raise' stops naming shard and key; 'skip' counts it."
+    )
+    allow_pipe: bool = _f(False, "Allow 'pipe:' shard URLs, which run a shell command.")
+    generate_demo: bool = _f(
+        False, "Write the built-in demo shards to the shard paths when they are missing."
+    )
+    demo_train_per_class: int = _f(400, "Demo generator: train images per class.")
+    demo_val_per_class: int = _f(100, "Demo generator: validation images per class.")
+
+
+@dataclass
+class QuantConfig:
+    fake_quant_start_step: int = _f(0, "Step at which fake quantization turns on (fp32 before).")
+    observer_freeze_step: int = _f(-1, "Step at which observers freeze (-1: never).")
+    bn_freeze_step: int = _f(-1, "Step at which BatchNorm statistics freeze (-1: never).")
+    sync_every_steps: int = _f(
+        50, "Cross-rank observer/BatchNorm statistics sync interval in steps."
+    )
+    fp32_module_names: list[str] = _f(
+        [], "Module paths kept in fp32, e.g. ['conv1', 'fc'] (quantizer module-name config)."
+    )
+    fp32_module_types: list[str] = _f(
+        [], "Module types kept in fp32, e.g. ['torch.nn.Linear'] (quantizer module-type config)."
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("sgd", "Optimizer: 'sgd' (momentum, nesterov) or 'adamw'.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    weight_decay: float = _f(5e-5, "Weight decay.")
+    warmup_steps: int = _f(20, "Linear LR warm-up steps before the cosine decay.")
+    min_lr_ratio: float = _f(0.01, "Final LR as a fraction of train.lr.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(3, "Number of epochs.")
+    steps_per_epoch: int = _f(
+        0, "Optimizer steps per epoch, the same on every rank (0: train samples // global batch)."
+    )
+    batch_size: int = _f(32, "Per-rank batch size.")
+    lr: float = _f(0.05, "Peak learning rate.")
+    seed: int = _f(0, "Seed for weights, augmentation and data order.")
+    eval_every_epochs: int = _f(0, "Evaluate every N epochs during training (0: only at the end).")
+    log_every_steps: int = _f(10, "Console progress interval in steps.")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = _f(True, "Write checkpoints under run.out_dir/checkpoints.")
+    every_steps: int = _f(0, "Also checkpoint every N steps (0: only at epoch ends).")
+    keep_last: int = _f(2, "Complete checkpoints kept.")
+    resume_from: str = _f("", "Checkpoint folder to resume from ('' = newest in run.out_dir).")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = _f(True, "Write TensorBoard events to run.out_dir/tb.")
+    quant_every_steps: int = _f(0, "Quant summaries interval (0: at each statistics sync).")
+
+
+@dataclass
+class RuntimeConfig:
+    pinning: str = _f("auto", "'auto': pin each rank to its NUMA node's cores; 'off': don't.")
+    use_smt: bool = _f(False, "Also use SMT sibling threads.")
+    cores: str = _f("", "Explicit per-rank CPU lists, ';'-separated, e.g. '0-27;28-55'.")
+    threads: int = _f(0, "Torch intra-op threads per rank (0: one per pinned core).")
+    loader_cores: int = _f(1, "Cores of the rank's set given to its loader workers.")
+    timeout_s: int = _f(300, "Collective timeout in seconds: a hung rank ends the job.")
+    latency_batch_size: int = _f(32, "Batch size of the final int8/fp32 latency comparison.")
+    latency_iters: int = _f(20, "Timed iterations of the final latency comparison.")
+    compile_final: bool = _f(True, "Compile the final int8 model with Inductor (freezing).")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _field_types(cls) -> dict[str, object]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value, expected):
+    """Return `value` as `expected` (int, float, str, bool, list[...]) or raise ConfigError."""
+    origin = typing.get_origin(expected)
+    if origin in (list, types.GenericAlias) or expected is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
+
+
+def _parse_cli_value(raw: str):
+    """A CLI value is read as a TOML literal when it is one (1, 0.1, true, ['a']), else a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, dict]]:
+    """Split argv into (--config path, {section: {key: value}}) or raise ConfigError."""
+    config_path = None
+    overrides: dict[str, dict] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: use --section.key=value")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{name}: missing value")
+            value = args[i + 1]
+            i += 1
+        if name == "config":
+            config_path = value
+        else:
+            section, dot, key = name.partition(".")
+            if not dot or not key:
+                raise ConfigError(f"--{name}: expected --section.key=value")
+            overrides.setdefault(section, {})[key] = _parse_cli_value(value)
+        i += 1
+    return config_path, overrides
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(out.get(section), dict):
+            out[section].update(values)
+        else:
+            out[section] = values
+    return out
+
+
+def from_dict(raw: dict) -> Config:
+    """Build a Config from nested dicts; unknown sections/keys and wrong types raise."""
+    sections = _field_types(Config)
+    built = {}
+    for section, values in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}]; known: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table, got {values!r}")
+        cls = sections[section]
+        fields = _field_types(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown config key {section}.{key}; known in [{section}]: "
+                    + ", ".join(fields)
+                )
+            kwargs[key] = _coerce(f"{section}.{key}", value, fields[key])
+        built[section] = cls(**kwargs)
+    return Config(**built)
+
+
+def load(config_path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < TOML file (configs/default.toml when none is given) < overrides; validated."""
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    try:
+        with open(path, "rb") as f:
+            file_values = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+    cfg = from_dict(_merge(file_values, overrides or {}))
+    validate(cfg)
+    return cfg
+
+
+def load_from_argv(argv: list[str]) -> Config:
+    config_path, overrides = parse_overrides(argv)
+    return load(config_path, overrides)
+
+
+def _require(cond: bool, key: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Shard existence is checked here too,
+    except for demo shards that the run will generate."""
+    d, t, q, o, c, r = cfg.data, cfg.train, cfg.quant, cfg.optim, cfg.checkpoint, cfg.runtime
+    _require(bool(cfg.run.out_dir), "run.out_dir", "a non-empty path", cfg.run.out_dir)
+    _require(bool(cfg.model.name), "model.name", "a model name", cfg.model.name)
+    if cfg.model.weights:
+        _require(
+            Path(cfg.model.weights).is_file(),
+            "model.weights",
+            "an existing local file",
+            cfg.model.weights,
+        )
+    _require(d.image_size >= 16, "data.image_size", "an integer >= 16", d.image_size)
+    _require(d.num_classes >= 2, "data.num_classes", "an integer >= 2", d.num_classes)
+    _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", d.shuffle_buffer)
+    _require(d.on_error in ("raise", "skip"), "data.on_error", "'raise' or 'skip'", d.on_error)
+    _require(d.demo_train_per_class >= 1, "data.demo_train_per_class", ">= 1", d.demo_train_per_class)
+    _require(d.demo_val_per_class >= 1, "data.demo_val_per_class", ">= 1", d.demo_val_per_class)
+    for key in ("train_shards", "val_shards"):
+        pattern = getattr(d, key)
+        _require(bool(pattern), f"data.{key}", "a shard pattern", pattern)
+        if pattern.startswith("pipe:"):
+            _require(d.allow_pipe, f"data.{key}", "no 'pipe:' URL unless data.allow_pipe", pattern)
+        elif not d.generate_demo and not pattern.startswith(("http://", "https://")):
+            _require(
+                bool(expand_shards(pattern)), f"data.{key}", "a pattern matching shard files", pattern
+            )
+    _require(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _require(t.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", t.steps_per_epoch)
+    _require(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _require(t.lr > 0, "train.lr", "a positive number", t.lr)
+    _require(t.eval_every_epochs >= 0, "train.eval_every_epochs", ">= 0", t.eval_every_epochs)
+    _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(o.name in ("sgd", "adamw"), "optim.name", "'sgd' or 'adamw'", o.name)
+    _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
+    _require(q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step)
+    _require(q.observer_freeze_step >= -1, "quant.observer_freeze_step", ">= -1", q.observer_freeze_step)
+    _require(q.bn_freeze_step >= -1, "quant.bn_freeze_step", ">= -1", q.bn_freeze_step)
+    _require(q.sync_every_steps >= 1, "quant.sync_every_steps", "an integer >= 1", q.sync_every_steps)
+    _require(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
+    if c.resume_from:
+        _require(Path(c.resume_from).is_dir(), "checkpoint.resume_from", "an existing folder", c.resume_from)
+    _require(r.pinning in ("auto", "off"), "runtime.pinning", "'auto' or 'off'", r.pinning)
+    _require(r.threads >= 0, "runtime.threads", "an integer >= 0", r.threads)
+    _require(r.loader_cores >= 0, "runtime.loader_cores", "an integer >= 0", r.loader_cores)
+    _require(r.timeout_s >= 1, "runtime.timeout_s", "an integer >= 1", r.timeout_s)
+    _require(r.latency_batch_size >= 1, "runtime.latency_batch_size", ">= 1", r.latency_batch_size)
+    _require(r.latency_iters >= 1, "runtime.latency_iters", ">= 1", r.latency_iters)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a brace pattern ('train-{000000..000003}.tar') and/or glob into sorted paths."""
+    from braceexpand import braceexpand  # installed with webdataset
+
+    paths: list[str] = []
+    for part in braceexpand(pattern):
+        if any(ch in part for ch in "*?["):
+            paths.extend(sorted(glob.glob(part)))
+        elif Path(part).exists():
+            paths.append(part)
+    return paths
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `load` reads back to an equal Config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every config key with its type, default and help, for `--help`."""
+    out = []
+    for section_field in dataclasses.fields(Config):
+        cls = section_field.default_factory
+        out.append(f"[{section_field.name}]")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            hint = _field_types(cls)[f.name]
+            type_name = getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
+            out.append(f"  --{section_field.name}.{f.name}  ({type_name}, default {default!r})")
+            out.append(f"      {f.metadata['help']}")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience: print the resolved config
+    print(to_toml(load_from_argv(sys.argv[1:])))

@@ -1,0 +1,44 @@
+"""Graph capture: torch.export training IR with a dynamic batch dimension."""
+
+from __future__ import annotations
+
+import torch
+from torch.export import Dim
+
+
+def capture(model: torch.nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
+    """Export `model` (training IR) with a dynamic batch dimension and return the graph module.
+
+    Shared-module call sites are made distinct (see `make_call_sites_distinct`) so that the
+    quantizer can annotate them.
+    """
+    batch = Dim("batch", min=1, max=65536)
+    exported = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    graph_module = exported.module()
+    make_call_sites_distinct(graph_module)
+    return graph_module
+
+
+def make_call_sites_distinct(graph_module: torch.fx.GraphModule) -> int:
+    """Give each call of a shared module (ResNet's one `self.relu` used twice) its own path.
+
+    `X86InductorQuantizer` groups nodes into partitions by the module path of the innermost
+    `nn_module_stack` entry; two calls of one module then form one partition with two outputs,
+    and `prepare_qat_pt2e` fails with "Input partition has more than one output node". The
+    stack's key already tells the calls apart (`...relu` vs `...relu@1`), so the path takes the
+    key's `@N` suffix. Returns the number of stack entries renamed.
+    """
+    renamed = 0
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        fixed = {}
+        for key, (path, module_type) in stack.items():
+            _, at, call_index = key.rpartition("@")
+            if at and call_index.isdigit() and not path.endswith(f"@{call_index}"):
+                path = f"{path}@{call_index}"
+                renamed += 1
+            fixed[key] = (path, module_type)
+        node.meta["nn_module_stack"] = fixed
+    return renamed
