@@ -20,14 +20,44 @@ def _resolve_type(dotted: str) -> type:
         resolved = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError, ValueError):
         raise ConfigError(f"quant.fp32_module_types: cannot import {dotted!r}") from None
-    if not (isinstance(resolved, type) and issubclass(resolved, torch.nn.Module)):
-        raise ConfigError(f"quant.fp32_module_types: {dotted!r} is not an nn.Module type")
+    if resolved not in X86InductorQuantizer.module_function_to_aten_operator_type:
+        supported = sorted(
+            f"{t.__module__}.{t.__name__}"
+            for t in X86InductorQuantizer.module_function_to_aten_operator_type
+            if isinstance(t, type)
+        )
+        raise ConfigError(
+            f"quant.fp32_module_types: {dotted!r} is not supported by X86InductorQuantizer; "
+            f"supported: {', '.join(supported)}"
+        )
     return resolved
+
+
+class _QatX86InductorQuantizer(X86InductorQuantizer):
+    """X86InductorQuantizer whose "skip" annotations do not break QAT conv-BN fusion.
+
+    A module excluded with a `None` config gets an annotation with an empty input map;
+    `prepare_qat_pt2e`'s conv-BN rewrite then indexes that empty map and fails with IndexError
+    (torchao 0.18). Dropping those empty annotations leaves the nodes unannotated, which means
+    the same thing: no observers, the layer runs in fp32.
+    """
+
+    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            annotation = node.meta.get("quantization_annotation")
+            if (
+                annotation is not None
+                and not annotation.input_qspec_map
+                and annotation.output_qspec is None
+            ):
+                del node.meta["quantization_annotation"]
+        return model
 
 
 def build_quantizer(cfg: QuantConfig) -> X86InductorQuantizer:
     """The x86 Inductor quantizer with the QAT config globally; listed modules stay fp32."""
-    quantizer = X86InductorQuantizer()
+    quantizer = _QatX86InductorQuantizer()
     quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
     for name in cfg.fp32_module_names:
         quantizer.set_module_name_qconfig(name, None)

@@ -1,0 +1,44 @@
+"""Model construction: torchvision classifiers by name or a user factory, local weights only."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torchvision
+
+from qatdist.config import ConfigError, ModelConfig
+
+
+def _from_factory(spec: str, num_classes: int) -> torch.nn.Module:
+    module_name, _, function_name = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model.name: cannot load factory {spec!r}: {e}") from None
+    model = factory(num_classes=num_classes)
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"model.name: factory {spec!r} returned {type(model).__name__}")
+    return model
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
+    """An fp32 classifier with `num_classes` outputs; `cfg.weights` (a local state dict) is
+    loaded strictly. Nothing is downloaded: torchvision models are built with weights=None."""
+    if ":" in cfg.name:
+        model = _from_factory(cfg.name, num_classes)
+    else:
+        known = torchvision.models.list_models(module=torchvision.models)
+        if cfg.name not in known:
+            raise ConfigError(
+                f"model.name: unknown torchvision classification model {cfg.name!r} "
+                "(or use 'package.module:function')"
+            )
+        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+    if cfg.weights:
+        try:
+            state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except Exception as e:  # a bad file must name itself, whatever torch raised
+            raise ConfigError(f"model.weights: cannot load {cfg.weights}: {e}") from None
+    return model

@@ -1,0 +1,30 @@
+"""From a prepared QAT model to an int8 model: convert, eval mode, Inductor with freezing."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers int8 lowerings
+from torchao.quantization.pt2e import move_exported_model_to_eval
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+
+def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
+    """A converted (quantize/dequantize pattern) copy of `prepared` in eval mode.
+
+    Works on a deep copy: the prepared model keeps training unchanged.
+    """
+    converted = convert_pt2e(copy.deepcopy(prepared))
+    move_exported_model_to_eval(converted)
+    return converted
+
+
+def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
+    """`torch.compile` with Inductor freezing: without freezing the int8 kernels are not used.
+
+    Shapes are static: callers feed one batch size (padding the last batch) so the model is
+    compiled once. Call the result under `torch.no_grad()`.
+    """
+    torch._inductor.config.freezing = True
+    return torch.compile(model, backend="inductor", dynamic=False)

@@ -1,0 +1,190 @@
+"""Writing webdataset shards: the demo generator and `scripts/make_shards.py` both use this.
+
+A sample is `<key>.<image ext>` (original image bytes) + `<key>.cls` (ASCII integer label).
+Each shard is written to a hidden temporary name and renamed, so a shard file that exists is
+complete.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+# Extensions the reader (qatdist.data) recognises as the image member of a sample.
+IMAGE_EXTENSIONS = frozenset(
+    {"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"}
+)
+LABEL_EXTENSION = "cls"
+
+
+class ShardError(ValueError):
+    """The image folder cannot be turned into shards (missing, empty, unreadable image)."""
+
+
+def shard_pattern(out_dir: str | Path, prefix: str, count: int) -> str:
+    """Brace pattern matching `<out_dir>/<prefix>-000000.tar` .. the `count`-th shard."""
+    if count == 1:
+        return str(Path(out_dir) / f"{prefix}-000000.tar")
+    return str(Path(out_dir) / f"{prefix}-{{000000..{count - 1:06d}}}.tar")
+
+
+def write_shards(
+    paths: list[Path], samples: Iterable[tuple[bytes, str, int]], total: int, key_prefix: str
+) -> None:
+    """Write `total` (image bytes, image extension, label) samples spread evenly over `paths`.
+
+    Keys are `<key_prefix><index:08d>`, unique across the shards of one call.
+    """
+    import webdataset as wds
+
+    it = iter(samples)
+    index = 0
+    for i, path in enumerate(paths):
+        end = (i + 1) * total // len(paths)
+        tmp = path.with_name(f".{path.name}.partial")
+        try:
+            with wds.TarWriter(str(tmp)) as sink:
+                while index < end:
+                    data, ext, label = next(it)
+                    sink.write(
+                        {"__key__": f"{key_prefix}{index:08d}", ext: data, "cls": str(label)}
+                    )
+                    index += 1
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path)
+
+
+@dataclass
+class ShardSummary:
+    """What `make_image_folder_shards` wrote."""
+
+    train_pattern: str
+    val_pattern: str
+    classes: dict[str, int]
+    train_count: int
+    val_count: int
+    ignored_files: list[str]
+
+
+def _class_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_dir: Path, ignored: list[str]) -> list[Path]:
+    """Files under `class_dir` (recursively) with an extension PIL registers, sorted."""
+    known = {ext.lower() for ext in Image.registered_extensions()}
+    files = []
+    for path in sorted(class_dir.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.parts[-1:]):
+            continue
+        if path.suffix.lower() in known:
+            files.append(path)
+        else:
+            ignored.append(str(path))
+    return files
+
+
+def _load_sample(path: Path) -> tuple[bytes, str]:
+    """(bytes, extension) to store for the image at `path`: the original bytes when the reader
+    recognises the extension, else the image re-encoded as PNG. Raises ShardError naming the
+    file when PIL cannot decode it."""
+    data = path.read_bytes()
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            ext = path.suffix.lower().lstrip(".")
+            if ext in IMAGE_EXTENSIONS:
+                return data, ext
+            buf = io.BytesIO()
+            img.convert("RGB").save(buf, format="PNG")
+            return buf.getvalue(), "png"
+    except Exception as e:  # PIL raises many types for bad files; all mean "unreadable".
+        raise ShardError(f"unreadable image {path}: {e}") from None
+
+
+def _collect(
+    root: Path, classes: dict[str, int], ignored: list[str]
+) -> list[tuple[Path, int]]:
+    items = []
+    for name, label in classes.items():
+        class_dir = root / name
+        if class_dir.is_dir():
+            items.extend((path, label) for path in _image_files(class_dir, ignored))
+    return items
+
+
+def make_image_folder_shards(
+    image_folder: str | Path,
+    out_dir: str | Path,
+    *,
+    shard_size: int = 500,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> ShardSummary:
+    """Write train/val shards and classes.json from an ImageFolder tree.
+
+    The tree has one sub-folder per class (sorted names -> labels 0..C-1). When it has `train/`
+    and `val/` sub-trees, that split is kept; otherwise `val_fraction` of each class (at least
+    one image for classes with two or more) goes to validation, chosen deterministically from
+    `seed`. Train samples are shuffled across shards (so each shard mixes classes); validation
+    keeps the sorted order. Raises ShardError for a missing folder, no classes, a class without
+    images, or an unreadable image (naming the file).
+    """
+    root = Path(image_folder)
+    if not root.is_dir():
+        raise ShardError(f"image folder not found: {root}")
+    if shard_size < 1:
+        raise ShardError(f"shard size must be >= 1, got {shard_size}")
+    ignored: list[str] = []
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        names = sorted(set(_class_dirs(root / "train")) | set(_class_dirs(root / "val")))
+        if not names:
+            raise ShardError(f"no class sub-folders in {root / 'train'} or {root / 'val'}")
+        classes = {name: i for i, name in enumerate(names)}
+        train = _collect(root / "train", classes, ignored)
+        val = _collect(root / "val", classes, ignored)
+        for name in names:
+            if not any(label == classes[name] for _, label in train + val):
+                raise ShardError(f"class folder {name!r} has no images under {root}")
+    else:
+        if not 0.0 < val_fraction < 1.0:
+            raise ShardError(f"val fraction must be in (0, 1), got {val_fraction}")
+        names = _class_dirs(root)
+        if not names:
+            raise ShardError(f"no class sub-folders in {root}")
+        classes = {name: i for i, name in enumerate(names)}
+        train, val = [], []
+        for name, label in classes.items():
+            files = _image_files(root / name, ignored)
+            if not files:
+                raise ShardError(f"class folder {root / name} has no images")
+            random.Random(f"{seed}/{name}").shuffle(files)
+            n_val = max(1, round(len(files) * val_fraction)) if len(files) >= 2 else 0
+            val.extend((path, label) for path in sorted(files[:n_val]))
+            train.extend((path, label) for path in sorted(files[n_val:]))
+    if not train:
+        raise ShardError(f"no training images under {root}")
+    if not val:
+        raise ShardError(f"no validation images under {root}")
+    random.Random(seed).shuffle(train)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    patterns = []
+    for split, items in (("train", train), ("val", val)):
+        count = -(-len(items) // shard_size)
+        paths = [out / f"{split}-{i:06d}.tar" for i in range(count)]
+        samples = ((*_load_sample(path), label) for path, label in items)
+        write_shards(paths, samples, len(items), key_prefix=split)
+        patterns.append(shard_pattern(out, split, count))
+    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    return ShardSummary(patterns[0], patterns[1], classes, len(train), len(val), ignored)

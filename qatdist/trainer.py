@@ -1,0 +1,323 @@
+"""The QAT trainer: one loop for every world size.
+
+Set-up (placement, data, capture, QAT preparation, DDP), the training loop with the QAT
+schedule and statistics sync, evaluation, and rank 0's final convert / compile / report.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchao
+
+from qatdist import data, topology
+from qatdist.config import Config, to_toml
+from qatdist.distributed import (
+    DistEnv,
+    all_gather_object,
+    all_reduce_sum,
+    barrier,
+    wrap_ddp,
+)
+from qatdist.evaluate import count_correct, distributed_top1, preserved_rng
+from qatdist.finalize import finalize
+from qatdist.models import build_model
+from qatdist.monitor import Monitor
+from qatdist.quant import schedule
+from qatdist.quant.capture import capture
+from qatdist.quant.convert import convert_to_int8
+from qatdist.quant.prepare import prepare_qat
+from qatdist.quant.sync import SyncStats, sync_quant_stats
+
+
+def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.train.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+            nesterov=o.momentum > 0,
+        )
+    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=o.weight_decay)
+
+
+def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of every tensor of a state dict, in key order: equal states, equal hashes."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().contiguous().cpu()
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class Trainer:
+    """Distributed PT2E QAT of one model. `train()` runs the schedule, `finish()` the end."""
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.out_dir = Path(cfg.run.out_dir)
+        self.placement = self._place()
+
+        if env.local_rank == 0:
+            data.ensure_demo_shards(cfg.data, cfg.train.seed)
+        barrier()
+        data.check_shards(cfg.data, env.world_size)
+        global_batch = cfg.train.batch_size * env.world_size
+        self.steps_per_epoch = cfg.train.steps_per_epoch or (
+            data.count_samples(cfg.data.train_shards) // global_batch
+        )
+        if self.steps_per_epoch < 1:
+            raise ValueError(
+                f"train.steps_per_epoch: the train shards hold fewer samples than one global "
+                f"batch ({global_batch}); set train.steps_per_epoch or a smaller train.batch_size"
+            )
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.fp32_model = build_model(cfg.model, cfg.data.num_classes)
+        size = cfg.data.image_size
+        example = torch.randn(2, 3, size, size)
+        self.model = prepare_qat(capture(self.fp32_model, example), cfg.quant)
+        torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
+        self.ddp = wrap_ddp(self.model)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            functools.partial(
+                warmup_cosine, warmup=cfg.optim.warmup_steps, total=self.total_steps,
+                min_ratio=cfg.optim.min_lr_ratio,
+            ),
+        )
+        self.step = 0
+        self.phase = schedule.phase_at(0, cfg.quant)
+        schedule.apply_phase(self.model, self.phase)
+        self.last_sync: SyncStats | None = None
+        self.sync_seconds = 0.0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+
+        self.monitor = Monitor(
+            self.out_dir, enabled=env.is_rank0, tensorboard=cfg.log.tensorboard,
+            total_steps=self.total_steps,
+        )
+        if env.is_rank0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "resolved_config.toml").write_text(to_toml(cfg))
+            self.monitor.text("config/resolved", "```\n" + to_toml(cfg) + "\n```")
+        self._write_topology()
+        self.monitor.info(
+            f"{cfg.model.name}: {env.world_size} rank(s) x batch {cfg.train.batch_size}, "
+            f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
+            f"{torch.get_num_threads()} thread(s) per rank"
+        )
+
+    def _place(self) -> dict:
+        """Pin this rank to its cores (or only set its thread count with pinning off)."""
+        r = self.cfg.runtime
+        placement = topology.local_placement(
+            self.env.local_rank, self.env.local_world_size, use_smt=r.use_smt,
+            loader_cores=r.loader_cores, explicit_cores=r.cores, threads=r.threads,
+        )
+        self.loader_cpus = placement.loader_cpus if r.pinning == "auto" else None
+        return topology.apply(placement, pin=r.pinning == "auto")
+
+    def _write_topology(self) -> None:
+        records = all_gather_object({"global_rank": self.env.rank, **self.placement})
+        if self.env.is_rank0:
+            text = json.dumps(records, indent=2)
+            (self.out_dir / "topology.json").write_text(text)
+            self.monitor.text("config/placement", "```\n" + text + "\n```")
+
+    def _worker_init(self):
+        if self.loader_cpus is None:
+            return None
+        return functools.partial(_pin_worker, cpus=tuple(self.loader_cpus))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        cfg = self.cfg
+        start_epoch = self.step // self.steps_per_epoch
+        for epoch in range(start_epoch, cfg.train.epochs):
+            batches = data.train_batches(
+                cfg.data, batch_size=cfg.train.batch_size, steps=self.steps_per_epoch,
+                rank=self.env.rank, world_size=self.env.world_size, seed=cfg.train.seed,
+                epoch=epoch, start_step=self.step - epoch * self.steps_per_epoch,
+                worker_init_fn=self._worker_init(),
+            )
+            self._train_epoch(epoch, batches)
+            if cfg.train.eval_every_epochs and (epoch + 1) % cfg.train.eval_every_epochs == 0:
+                self.evaluate(epoch)
+
+    def _train_epoch(self, epoch: int, batches) -> None:
+        log_every = self.cfg.train.log_every_steps
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        for batch in batches:
+            self._advance_phase()
+            step_start = time.perf_counter()
+            loss = self.train_step(batch.images, batch.labels)
+            self.train_seconds += time.perf_counter() - step_start
+            self.step += 1
+            if self.step % self.cfg.quant.sync_every_steps == 0:
+                self.sync()
+            window_loss += loss
+            window_steps += 1
+            if self.step % log_every == 0 or self.step == self.total_steps:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = all_reduce_sum([window_loss / window_steps])[0] / self.env.world_size
+                images = window_steps * self.cfg.train.batch_size * self.env.world_size
+                self.monitor.progress(
+                    step=self.step, epoch=epoch, loss=mean_loss,
+                    images_per_s=images / elapsed, step_s=elapsed / window_steps,
+                )
+                self.monitor.scalar("train/loss", mean_loss, self.step)
+                self.monitor.scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
+                self.monitor.scalar("perf/images_per_s", images / elapsed, self.step)
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimizer step on this rank's batch; returns the local loss."""
+        logits = self.ddp(images)
+        loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+    def _advance_phase(self) -> None:
+        """Apply the QAT schedule for the current step; statistics are synced before observers
+        freeze, so the frozen qparams are the global batch's on every rank."""
+        phase = schedule.phase_at(self.step, self.cfg.quant)
+        if phase == self.phase:
+            return
+        if phase.observers_frozen and not self.phase.observers_frozen:
+            self.sync()
+        schedule.apply_phase(self.model, phase)
+        self.monitor.info(f"step {self.step}: QAT phase {phase}")
+        self.phase = phase
+
+    def sync(self) -> SyncStats:
+        """Make observer, fake-quant and BatchNorm statistics identical on every rank."""
+        stats = sync_quant_stats(self.model)
+        self.sync_seconds += stats.seconds
+        self.last_sync = stats
+        self.monitor.scalar("perf/sync_seconds", stats.seconds, self.step)
+        return stats
+
+    # --- evaluation ---------------------------------------------------------------------
+
+    def _val_batches(self, batch_size: int):
+        return data.val_batches(
+            self.cfg.data, batch_size=batch_size, rank=self.env.rank,
+            world_size=self.env.world_size,
+        )
+
+    def evaluate(self, epoch: int | None = None) -> dict:
+        """Top-1 of the fake-quant model (eval mode) and of a converted int8 copy, split over
+        ranks. Observers are paused and RNG states restored: training continues unchanged."""
+        self.sync()
+        batch_size = self.cfg.runtime.latency_batch_size
+        with preserved_rng():
+            schedule.to_eval(self.model)
+            schedule.apply_phase(self.model, _observing_off(self.phase))
+            fq_top1 = distributed_top1(*count_correct(self.model, self._val_batches(batch_size)))
+            int8_top1 = distributed_top1(
+                *count_correct(convert_to_int8(self.model), self._val_batches(batch_size))
+            )
+            schedule.apply_phase(self.model, self.phase)
+            schedule.to_train(self.model, self.phase)
+        result = {"step": self.step, "fake_quant_top1": fq_top1, "int8_top1": int8_top1}
+        if epoch is not None:
+            result["epoch"] = epoch
+        self.history.append(result)
+        self.monitor.scalar("eval/fake_quant_top1", fq_top1, self.step)
+        self.monitor.scalar("eval/int8_top1", int8_top1, self.step)
+        self.monitor.info(f"eval at step {self.step}: fake-quant {fq_top1:.4f} int8 {int8_top1:.4f}")
+        return result
+
+    # --- the end --------------------------------------------------------------------------
+
+    def finish(self) -> dict | None:
+        """Final sync and evaluation on all ranks; rank 0 converts, compiles, measures and
+        writes `final/`. Returns the report on rank 0, None elsewhere."""
+        cfg = self.cfg
+        final_sync = self.sync()
+        batch_size = cfg.runtime.latency_batch_size
+        with preserved_rng():
+            schedule.to_eval(self.model)
+            schedule.apply_phase(self.model, _observing_off(self.phase))
+            fq_top1 = distributed_top1(*count_correct(self.model, self._val_batches(batch_size)))
+        hashes = all_gather_object(state_sha256(self.model.state_dict()))
+        global_batch = cfg.train.batch_size * self.env.world_size
+        report = {
+            "model": cfg.model.name,
+            "world_size": self.env.world_size,
+            "global_batch_size": global_batch,
+            "steps": self.step,
+            "epochs": cfg.train.epochs,
+            "train_images_per_s": (
+                self.step * global_batch / self.train_seconds if self.train_seconds else 0.0
+            ),
+            "fp32_fake_quant_top1": fq_top1,
+            "observer_sync_max_divergence_before": final_sync.max_divergence_before,
+            "observer_sync_max_divergence_after": final_sync.max_divergence_after,
+            "observer_sync_seconds_total": self.sync_seconds,
+            "final_state_sha256": hashes[0],
+            "rank_state_sha256": hashes,
+            "eval_history": self.history,
+            "torch_version": torch.__version__,
+            "torchao_version": torchao.__version__,
+        }
+        if not self.env.is_rank0:
+            return None
+        self.monitor.info("converting to int8, compiling and measuring (rank 0)")
+        r = cfg.runtime
+        report |= finalize(
+            self.model, self.fp32_model, lambda bs: data.val_batches(
+                cfg.data, batch_size=bs, rank=0, world_size=1
+            ),
+            image_size=cfg.data.image_size, latency_batch_size=r.latency_batch_size,
+            latency_iters=r.latency_iters, out_dir=self.out_dir / "final",
+            compile_model=r.compile_final,
+        )
+        (self.out_dir / "final" / "report.json").write_text(json.dumps(report, indent=2))
+        for key in ("fp32_fake_quant_top1", "int8_top1", "int8_speedup"):
+            self.monitor.scalar(f"final/{key}", report[key], self.step)
+        self.monitor.info(
+            f"done: fake-quant top-1 {fq_top1:.4f}, int8 top-1 {report['int8_top1']:.4f}, "
+            f"int8 {report['int8_latency_ms']:.2f} ms vs fp32 {report['fp32_latency_ms']:.2f} ms "
+            f"(x{report['int8_speedup']:.2f}) -> {self.out_dir / 'final'}"
+        )
+        return report
+
+    def close(self) -> None:
+        self.monitor.close()
+
+
+def _observing_off(phase: schedule.QatPhase) -> schedule.QatPhase:
+    """The same phase with observers paused: evaluation must not update statistics."""
+    return schedule.QatPhase(
+        fake_quant_on=phase.fake_quant_on, observers_frozen=True, bn_frozen=phase.bn_frozen
+    )
+
+
+def _pin_worker(worker_id: int, cpus: tuple[int, ...]) -> None:
+    topology.pin_loader_worker(list(cpus))

@@ -1,0 +1,70 @@
+"""Shared fixtures. The expensive 2-rank training run (with its final compile) runs once per
+session and every test that needs it reads its outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, timeout: int = 600, env=None):
+    """Run `torchrun --standalone` (rendezvous on a free loopback port) with `args`."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("OMP_NUM_THREADS", None)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={nproc}", "-m", "qatdist.train", *args,
+    ]
+    return subprocess.run(
+        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> dict[str, str]:
+    """Small demo shards (32x32, 10 classes): 4 train shards, 2 val shards."""
+    from qatdist.demo import write_demo_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    train, val = write_demo_shards(
+        out, train_per_class=16, val_per_class=4, seed=1, image_size=32, shard_size=40
+    )
+    return {"train_shards": train, "val_shards": val}
+
+
+def tiny_run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a short resnet18 QAT run on the tiny shards."""
+    return [
+        f"--run.out_dir={out_dir}",
+        f"--data.train_shards={shards['train_shards']}",
+        f"--data.val_shards={shards['val_shards']}",
+        "--data.generate_demo=false",
+        "--data.image_size=32",
+        "--data.num_workers=1",
+        "--train.batch_size=8",
+        "--train.epochs=2",
+        "--train.steps_per_epoch=4",
+        "--train.lr=0.02",
+        "--train.log_every_steps=2",
+        "--quant.sync_every_steps=3",
+        "--runtime.latency_batch_size=8",
+        "--runtime.latency_iters=3",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def two_rank_run(tiny_shards, tmp_path_factory) -> dict:
+    """One real 2-rank gloo training run with the final convert/compile, shared by tests."""
+    out_dir = tmp_path_factory.mktemp("run2")
+    result = torchrun(tiny_run_args(tiny_shards, out_dir), cwd=ROOT)
+    report_path = out_dir / "final" / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else None
+    return {"result": result, "out_dir": out_dir, "report": report}

@@ -1,0 +1,117 @@
+"""Config loading: precedence, strictness, validation, round trip, and every shipped config."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qatdist import config
+from qatdist.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Two empty files that stand for shards (validation only checks that patterns match)."""
+    for name in ("train-000000.tar", "val-000000.tar"):
+        (tmp_path / name).write_bytes(b"")
+    return {"train_shards": f"{tmp_path}/train-*.tar", "val_shards": f"{tmp_path}/val-*.tar"}
+
+
+def test_precedence_cli_over_file_over_defaults(tmp_path, shards):
+    path = write(tmp_path, "[train]\nlr = 0.2\nbatch_size = 8\n")
+    cfg = config.load(path, {"data": shards, "train": {"lr": 0.3}})
+    assert cfg.train.lr == 0.3  # CLI
+    assert cfg.train.batch_size == 8  # file
+    assert cfg.train.epochs == config.TrainConfig().epochs  # default
+
+
+def test_cli_parsing(tmp_path):
+    path, overrides = config.parse_overrides(
+        ["--config", "x.toml", "--train.lr=0.5", "--model.name", "resnet50",
+         "--quant.fp32_module_names=['conv1','fc']", "--data.allow_pipe=true"]
+    )
+    assert path == "x.toml"
+    assert overrides == {
+        "train": {"lr": 0.5},
+        "model": {"name": "resnet50"},
+        "quant": {"fp32_module_names": ["conv1", "fc"]},
+        "data": {"allow_pipe": True},
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train": {"batch_sise": 4}}, "unknown config key train.batch_sise"),
+        ({"trian": {"lr": 0.1}}, "unknown config section [trian]"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"train": {"batch_size": "8"}}, "train.batch_size: expected int"),
+        ({"train": {"lr": -0.1}}, "train.lr"),
+        ({"train": {"lr": True}}, "train.lr: expected float"),
+        ({"data": {"on_error": "ignore"}}, "data.on_error"),
+        ({"runtime": {"pinning": "yes"}}, "runtime.pinning"),
+        ({"optim": {"name": "lamb"}}, "optim.name"),
+        ({"quant": {"fp32_module_names": "fc"}}, "quant.fp32_module_names"),
+        ({"data": {"train_shards": "/nonexistent/shard-{0..3}.tar"}}, "data.train_shards"),
+        ({"data": {"train_shards": "pipe:curl x"}}, "data.train_shards"),
+    ],
+)
+def test_rejections_name_the_key(tmp_path, shards, overrides, message):
+    merged = {"data": dict(shards)}
+    for section, values in overrides.items():
+        merged.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, ""), merged)
+    assert message in str(err.value)
+
+
+def test_missing_and_invalid_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(str(tmp_path / "nope.toml"))
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(write(tmp_path, "[train\nlr = "))
+
+
+def test_resolved_toml_round_trips(tmp_path, shards):
+    cfg = config.load(write(tmp_path, ""), {"data": shards, "quant": {"fp32_module_names": ["fc"]}})
+    again = config.load(write(tmp_path, config.to_toml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative shard paths need not exist where demo data is generated
+    text = path.read_text()
+    assert text.lstrip().startswith("#"), "each config starts with its launch command"
+    cfg = config.from_dict(__import__("tomllib").loads(text))
+    assert cfg.data.image_size >= 16
+
+
+def test_train_rejects_bad_config_before_any_process_group(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "qatdist.train", "--train.batch_size=0"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "train.batch_size" in result.stderr
+    assert not (tmp_path / "runs").exists()  # nothing written
+
+
+def test_help_lists_every_key():
+    result = subprocess.run(
+        [sys.executable, "-m", "qatdist.train", "--help"], capture_output=True, text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0
+    for name, values in config.Config().to_dict().items():
+        for key in values:
+            assert f"--{name}.{key}" in result.stdout
