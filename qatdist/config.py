@@ -11,11 +11,12 @@ import dataclasses
 import glob
 import math
 import sys
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.toml"
 
@@ -285,7 +286,9 @@ def validate(cfg: Config) -> None:
     _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", d.shuffle_buffer)
     _require(d.on_error in ("raise", "skip"), "data.on_error", "'raise' or 'skip'", d.on_error)
-    _require(d.demo_train_per_class >= 1, "data.demo_train_per_class", ">= 1", d.demo_train_per_class)
+    _require(
+        d.demo_train_per_class >= 1, "data.demo_train_per_class", ">= 1", d.demo_train_per_class
+    )
     _require(d.demo_val_per_class >= 1, "data.demo_val_per_class", ">= 1", d.demo_val_per_class)
     for key in ("train_shards", "val_shards"):
         pattern = getattr(d, key)
@@ -294,7 +297,10 @@ def validate(cfg: Config) -> None:
             _require(d.allow_pipe, f"data.{key}", "no 'pipe:' URL unless data.allow_pipe", pattern)
         elif not d.generate_demo and not pattern.startswith(("http://", "https://")):
             _require(
-                bool(expand_shards(pattern)), f"data.{key}", "a pattern matching shard files", pattern
+                bool(expand_shards(pattern)),
+                f"data.{key}",
+                "a pattern matching shard files",
+                pattern,
             )
     _require(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _require(t.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", t.steps_per_epoch)
@@ -307,14 +313,25 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
-    _require(q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step)
-    _require(q.observer_freeze_step >= -1, "quant.observer_freeze_step", ">= -1", q.observer_freeze_step)
+    _require(
+        q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step
+    )
+    _require(
+        q.observer_freeze_step >= -1, "quant.observer_freeze_step", ">= -1", q.observer_freeze_step
+    )
     _require(q.bn_freeze_step >= -1, "quant.bn_freeze_step", ">= -1", q.bn_freeze_step)
-    _require(q.sync_every_steps >= 1, "quant.sync_every_steps", "an integer >= 1", q.sync_every_steps)
+    _require(
+        q.sync_every_steps >= 1, "quant.sync_every_steps", "an integer >= 1", q.sync_every_steps
+    )
     _require(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     if c.resume_from:
-        _require(Path(c.resume_from).is_dir(), "checkpoint.resume_from", "an existing folder", c.resume_from)
+        _require(
+            Path(c.resume_from).is_dir(),
+            "checkpoint.resume_from",
+            "an existing folder",
+            c.resume_from,
+        )
     _require(r.pinning in ("auto", "off"), "runtime.pinning", "'auto' or 'off'", r.pinning)
     _require(r.threads >= 0, "runtime.threads", "an integer >= 0", r.threads)
     _require(r.loader_cores >= 0, "runtime.loader_cores", "an integer >= 0", r.loader_cores)
@@ -367,7 +384,11 @@ def help_text() -> str:
         for f in dataclasses.fields(cls):
             default = f.default_factory() if callable(f.default_factory) else f.default
             hint = _field_types(cls)[f.name]
-            type_name = getattr(hint, "__name__", str(hint)) if typing.get_origin(hint) is None else str(hint)
+            type_name = (
+                getattr(hint, "__name__", str(hint))
+                if typing.get_origin(hint) is None
+                else str(hint)
+            )
             out.append(f"  --{section_field.name}.{f.name}  ({type_name}, default {default!r})")
             out.append(f"      {f.metadata['help']}")
     return "\n".join(out)

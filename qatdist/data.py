@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import io
+import itertools
 import logging
 import math
 import os
@@ -26,14 +27,14 @@ import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qatdist.config import ConfigError, DataConfig, expand_shards
@@ -151,8 +152,7 @@ def _read_shard(url: str, raise_errors: bool) -> Iterator[_Raw]:
     """Yield the samples of one shard in order. A read failure raises DataError when
     `raise_errors`, else ends the shard with an error _Raw (counted as one skipped sample)."""
     current: _Raw | None = None
-    last_key: str | None = None
-    error = None
+    error = bad_key = None
     try:
         with _open_tar(url) as tar:
             for member in tar:
@@ -162,24 +162,26 @@ def _read_shard(url: str, raise_errors: bool) -> Iterator[_Raw]:
                 key, ext = match.group(1), match.group(2).lower()
                 if current is None or key != current.key:
                     if current is not None:
-                        last_key = current.key
                         yield current
                     current = _Raw(url, key)
                 current.files[ext] = tar.extractfile(member).read()
             if _missing_end_marker(tar, url):
-                key = current.key if current is not None else last_key
-                error = f"truncated shard {url}: no end-of-archive block after sample key {key!r}"
+                bad_key = current.key if current is not None else None
+                error = (
+                    f"truncated shard {url}: no end-of-archive block after sample key {bad_key!r}"
+                )
     except (tarfile.TarError, OSError, EOFError) as e:
-        key = current.key if current is not None else last_key
-        where = f"in sample key {key!r}" if key is not None else "before the first sample"
-        current = None  # partly read: it is the bad sample
+        # The sample being read when the shard broke is the bad one.
+        bad_key = current.key if current is not None else None
+        current = None
+        where = f"in sample key {bad_key!r}" if bad_key is not None else "before the first sample"
         error = f"truncated or unreadable shard {url} {where}: {e}"
     if current is not None:
         yield current
     if error is not None:
         if raise_errors:
             raise DataError(error)
-        yield _Raw(url, last_key if current is None else current.key, error=error)
+        yield _Raw(url, bad_key, error=error)
 
 
 def _label_and_image_ext(raw: _Raw, num_classes: int) -> tuple[int, str]:
@@ -210,8 +212,10 @@ def _decode(raw: _Raw, num_classes: int, image_size: int) -> tuple[Image.Image, 
         img.draft("RGB", (image_size, image_size))
         img = img.convert("RGB")
     except Exception as e:  # PIL raises many types for bad bytes; all mean "undecodable".
+        # UnidentifiedImageError's message holds the BytesIO's address; keep messages stable.
+        reason = "unknown image format" if isinstance(e, UnidentifiedImageError) else e
         raise DataError(
-            f"shard {raw.shard}, sample key {raw.key!r}: cannot decode .{image_ext} image: {e}"
+            f"shard {raw.shard}, sample key {raw.key!r}: cannot decode .{image_ext} image: {reason}"
         ) from None
     return img, label
 
@@ -332,7 +336,7 @@ class _TrainStreams(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{stream}")
         buffer: list[_Raw] = []
         size = self.cfg.shuffle_buffer
-        for cycle in range(2**62):
+        for cycle in itertools.count():
             if cycle > 0:
                 urls = rng.sample(urls, len(urls))
             count = 0
@@ -369,7 +373,9 @@ class _TrainStreams(IterableDataset):
                 errors.bad(e)
                 bad_in_a_row += 1
                 if pass_len and bad_in_a_row > pass_len[0] + cfg.shuffle_buffer:
-                    raise DataError(f"no decodable sample in train shards of stream {stream}")
+                    raise DataError(
+                        f"no decodable sample in the train shards of stream {stream}: {e}"
+                    ) from None
                 return None
             bad_in_a_row = 0
             return decoded
@@ -400,15 +406,22 @@ class _TrainStreams(IterableDataset):
             yield _make_batch(images, labels, skipped)
 
 
-class _Batches:
-    """An iterable of a known number of batches (len() works; iterating again restarts)."""
+class _Reiterable:
+    """Batches from `make_iter()`; iterating again starts over with the same batches."""
 
-    def __init__(self, make_iter, length: int) -> None:
+    def __init__(self, make_iter: Callable[[], Iterable[Batch]]) -> None:
         self._make_iter = make_iter
-        self._length = length
 
     def __iter__(self) -> Iterator[Batch]:
         return iter(self._make_iter())
+
+
+class _Batches(_Reiterable):
+    """A re-iterable with a known number of batches, so len() works."""
+
+    def __init__(self, make_iter: Callable[[], Iterable[Batch]], length: int) -> None:
+        super().__init__(make_iter)
+        self._length = length
 
     def __len__(self) -> int:
         return self._length
@@ -455,16 +468,24 @@ def train_batches(
     )
     if cfg.num_workers == 0:
         return _Batches(lambda: dataset, steps - start_step)
-    return _Batches(
-        lambda: DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=cfg.num_workers,
-            worker_init_fn=worker_init_fn,
-            in_order=True,
-        ),
-        steps - start_step,
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        worker_init_fn=worker_init_fn,
+        in_order=True,
     )
+    return _Batches(lambda: _iterate_and_stop_workers(loader), steps - start_step)
+
+
+def _iterate_and_stop_workers(loader: DataLoader) -> Iterator[Batch]:
+    it = iter(loader)
+    try:
+        yield from it
+    finally:
+        # After an error (or an early break) the exception's traceback keeps the iterator
+        # alive, and workers stopped later by the garbage collector take seconds to join.
+        it._shutdown_workers()
 
 
 def _val_iter(
@@ -501,18 +522,22 @@ def val_batches(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int)
     i % world_size, so all ranks together see every sample once. Deterministic transform;
     the last batch may be smaller and a rank may get none. Loads in this process."""
     if batch_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}")
+        raise ValueError(
+            f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}"
+        )
     urls = _shard_urls(cfg.val_shards, "val_shards", cfg.allow_pipe)
-    return _Batches(lambda: _val_iter(cfg, urls, batch_size, rank, world_size), -1)
+    return _Reiterable(lambda: _val_iter(cfg, urls, batch_size, rank, world_size))
 
 
 def _count_shard(url: str) -> int:
-    """Samples with an image and a label member, from member names only."""
+    """Samples with an image and a label member, from member names only. A shard that breaks
+    off counts the samples before the break (the reader skips or raises at that point)."""
     count = 0
     key, exts = None, set()
 
     def complete() -> bool:
-        return LABEL_EXTENSION in exts and any(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
+        image = any(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
+        return image and LABEL_EXTENSION in exts
 
     try:
         with _open_tar(url) as tar:
@@ -524,20 +549,21 @@ def _count_shard(url: str) -> int:
                 if not member.isfile() or match is None:
                     continue
                 if size is not None and member.offset_data + member.size > size:
-                    break  # the data of this member was cut off
+                    raise tarfile.ReadError("unexpected end of data")
                 if match.group(1) != key:
                     count += complete()
                     key, exts = match.group(1), set()
                 exts.add(match.group(2).lower())
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"unreadable shard {url}: {e}") from None
+        log.warning("shard %s is unreadable after key %r (%s); counting up to there", url, key, e)
     return count + complete()
 
 
 def count_samples(pattern: str, *, allow_pipe: bool = False) -> int:
     """Number of samples (keys with an image and a .cls member) in the shards matching
-    `pattern`, read from tar member names without decoding. ConfigError when nothing matches
-    or for 'pipe:' unless `allow_pipe`; DataError for a shard that is not a tar file."""
+    `pattern`, from tar member names without decoding; a truncated or unreadable shard adds
+    the samples before the break, with a warning. ConfigError when nothing matches, or for a
+    'pipe:' pattern unless `allow_pipe`."""
     return sum(_count_shard(url) for url in _shard_urls(pattern, "shards", allow_pipe))
 
 

@@ -9,6 +9,7 @@ are calibrated so that a ResNet-18 learns the task in a few epochs without reach
 
 from __future__ import annotations
 
+import colorsys
 import io
 import math
 from collections.abc import Iterator
@@ -25,6 +26,17 @@ CLASS_NAMES = tuple(f"{shape}-{texture}" for shape in SHAPES for texture in TEXT
 NUM_CLASSES = len(CLASS_NAMES)
 _SPLITS = {"train": 0, "val": 1}
 
+# Difficulty knobs (uniform ranges), calibrated with a short ResNet-18 run; see the docstring.
+RADIUS = (0.28, 0.42)  # object radius as a fraction of the image size
+ROTATION = 0.6  # object rotation range in radians, +-
+HUE_SPREAD = 0.2  # object hue = class hue centre (label / 10) +- this
+CLUTTER_BEHIND = (0, 3)  # distractors drawn before the object
+CLUTTER_FRONT = (0, 2)  # distractors drawn over the object
+FAINT_TEXTURE_PROB = 0.3  # chance of a faint stripe/checker background
+TEXTURE_CONTRAST = (0.25, 0.6)  # brightness difference between the object's two tones
+TEXTURE_FREQ = (1.4, 2.4)  # texture cells per object radius
+NOISE_STD = (3, 12)  # Gaussian pixel noise
+
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     """Boolean mask of `shape` in unit-radius shape coordinates (u, v)."""
@@ -35,7 +47,9 @@ def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if shape == "triangle":
         return (v >= -0.55) & (v <= 1.0 - math.sqrt(3.0) * np.abs(u))
     if shape == "plus":
-        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | ((np.abs(v) <= 0.3) & (np.abs(u) <= 0.95))
+        return ((np.abs(u) <= 0.3) & (np.abs(v) <= 0.95)) | (
+            (np.abs(v) <= 0.3) & (np.abs(u) <= 0.95)
+        )
     if shape == "ring":
         d2 = u * u + v * v
         return (d2 <= 1.0) & (d2 >= 0.55**2)
@@ -92,34 +106,39 @@ def draw(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarr
     img[:] = rng.uniform(0, 255, 3)
     gx, gy = rng.uniform(-60, 60, 2) / size
     img += ((xx - size / 2) * gx + (yy - size / 2) * gy)[..., None] * rng.uniform(0.5, 1.5, 3)
-    if rng.random() < 0.5:
+    if rng.random() < FAINT_TEXTURE_PROB:
         u, v = _rotate(xx, yy, rng.uniform(0, math.pi))
         faint = _texture_mask(TEXTURES[rng.integers(2)], u, v, rng.uniform(0.1, 0.25))
         img += faint[..., None] * rng.uniform(-35, 35, 3)
 
-    for _ in range(rng.integers(1, 5)):
+    for _ in range(rng.integers(*CLUTTER_BEHIND)):
         _clutter(img, rng, xx, yy)
 
-    # The object: colour pair with a random, sometimes low, contrast between the two tones.
-    radius = rng.uniform(0.2, 0.34) * size
+    # The object: its hue is drawn from a window around a class-specific centre; windows of
+    # neighbouring classes overlap, so colour narrows the class down but never decides it. The
+    # two texture tones share the hue and differ in brightness by a random contrast.
+    radius = rng.uniform(*RADIUS) * size
     cx, cy = rng.uniform(radius * 0.8, size - radius * 0.8, 2)
-    u, v = _rotate(xx - cx, yy - cy, rng.uniform(0, 2 * math.pi))
+    u, v = _rotate(xx - cx, yy - cy, rng.uniform(-ROTATION, ROTATION))
     u, v = u / radius, v / radius
     mask = _shape_mask(shape, u, v)
     tu, tv = _rotate(u, v, rng.uniform(0, math.pi))
-    tone = _texture_mask(texture, tu + rng.uniform(0, 2), tv + rng.uniform(0, 2), rng.uniform(1.6, 3.0))
-    colour_a = rng.uniform(0, 255, 3)
-    direction = rng.normal(size=3)
-    direction /= np.linalg.norm(direction) + 1e-6
-    colour_b = np.clip(colour_a + direction * rng.uniform(45, 160), 0, 255)
+    freq = rng.uniform(*TEXTURE_FREQ)
+    tone = _texture_mask(texture, tu + rng.uniform(0, 2), tv + rng.uniform(0, 2), freq)
+    hue = (label / NUM_CLASSES + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
+    value_a = rng.uniform(0.35, 1.0)
+    value_b = value_a - math.copysign(rng.uniform(*TEXTURE_CONTRAST), value_a - 0.675)
+    saturation = rng.uniform(0.35, 1.0)
+    colour_a = np.array(colorsys.hsv_to_rgb(hue, saturation, value_a)) * 255
+    colour_b = np.array(colorsys.hsv_to_rgb(hue, saturation, float(np.clip(value_b, 0, 1)))) * 255
     _paint(img, mask & tone, colour_a)
     _paint(img, mask & ~tone, colour_b)
 
     # Occluders on top of the object for some images.
-    for _ in range(rng.integers(0, 3)):
+    for _ in range(rng.integers(*CLUTTER_FRONT)):
         _clutter(img, rng, xx, yy)
 
-    img += rng.normal(0, rng.uniform(4, 22), img.shape).astype(np.float32)
+    img += rng.normal(0, rng.uniform(*NOISE_STD), img.shape).astype(np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

@@ -67,7 +67,7 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
 def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
     """DDP without buffer broadcast: observer and BatchNorm statistics are synced explicitly
     (qatdist.quant.sync), since broadcasting would make them rank 0's statistics only."""
-    return DistributedDataParallel(model, broadcast_buffers=False, gradient_as_bucket_view=True)
+    return DistributedDataParallel(model, forward_sync_buffers=False, gradient_as_bucket_view=True)
 
 
 def barrier() -> None:

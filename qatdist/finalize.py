@@ -48,8 +48,9 @@ def finalize(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     int8_model = convert_to_int8(prepared)
-    example = torch.randn(latency_batch_size, 3, image_size, image_size,
-                          generator=torch.Generator().manual_seed(0))
+    example = torch.randn(
+        latency_batch_size, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)
+    )
 
     with torch.no_grad():
         reference_logits = int8_model(example)

@@ -111,9 +111,7 @@ def _load_sample(path: Path) -> tuple[bytes, str]:
         raise ShardError(f"unreadable image {path}: {e}") from None
 
 
-def _collect(
-    root: Path, classes: dict[str, int], ignored: list[str]
-) -> list[tuple[Path, int]]:
+def _collect(root: Path, classes: dict[str, int], ignored: list[str]) -> list[tuple[Path, int]]:
     items = []
     for name, label in classes.items():
         class_dir = root / name

@@ -26,6 +26,7 @@ from pathlib import Path
 
 _CPULIST_ITEM = re.compile(r"^(\d+)(?:-(\d+)(?::(\d+)/(\d+))?)?$")
 _MPOL_BIND = 2
+_MAX_CPU = 1 << 16  # far above Linux's NR_CPUS; bounds what a garbled cpulist can allocate
 
 
 def parse_cpulist(text: str) -> list[int]:
@@ -46,6 +47,8 @@ def parse_cpulist(text: str) -> list[int]:
         last = int(m.group(2)) if m.group(2) is not None else first
         if last < first:
             raise ValueError(f"invalid CPU list {text!r}: range {item!r} runs backwards")
+        if last >= _MAX_CPU:
+            raise ValueError(f"invalid CPU list {text!r}: CPU {last} is beyond {_MAX_CPU - 1}")
         used, group = (int(m.group(3)), int(m.group(4))) if m.group(3) else (1, 1)
         if used < 1 or group < used:
             raise ValueError(f"invalid CPU list {text!r}: bad stride in {item!r}")
@@ -125,10 +128,15 @@ def _fallback_cpus() -> set[int]:
 
 def _online_cpus(cpu_dir: Path, problems: list[str]) -> set[int] | None:
     """CPU ids with a cpuN directory, restricted to the `online` list when it is readable."""
-    if not cpu_dir.is_dir():
-        problems.append(f"{cpu_dir} does not exist")
+    consequence = "each NUMA node is taken as a socket and each CPU as a physical core"
+    try:
+        ids = {int(p.name[3:]) for p in cpu_dir.iterdir() if re.fullmatch(r"cpu\d+", p.name)}
+    except FileNotFoundError:
+        problems.append(f"{cpu_dir} does not exist; {consequence}")
         return None
-    ids = {int(p.name[3:]) for p in cpu_dir.iterdir() if re.fullmatch(r"cpu\d+", p.name)}
+    except OSError as e:
+        problems.append(f"cannot list {cpu_dir}: {e}; {consequence}")
+        return None
     online_file = cpu_dir / "online"
     try:
         ids &= set(parse_cpulist(_read(online_file)))
@@ -137,7 +145,7 @@ def _online_cpus(cpu_dir: Path, problems: list[str]) -> set[int] | None:
     except (OSError, ValueError) as e:
         problems.append(f"cannot use {online_file}: {e}")
     if not ids:
-        problems.append(f"no online cpuN directories under {cpu_dir}")
+        problems.append(f"no online cpuN directories under {cpu_dir}; {consequence}")
         return None
     return ids
 
@@ -181,25 +189,10 @@ def _read_int(path: Path) -> int:
     return int(_read(path))
 
 
-def discover(sysfs_root: str = "/sys") -> Topology:
-    """Read NUMA nodes, sockets and SMT siblings from `<sysfs_root>/devices/system`.
-
-    Never raises for bad sysfs: missing or garbled files produce a warning (naming the file) and
-    a coarser topology, down to one node holding every CPU from os.cpu_count()/the allowed set.
-    """
-    root = Path(sysfs_root)
-    cpu_dir = root / "devices" / "system" / "cpu"
-    node_dir = root / "devices" / "system" / "node"
-    problems: list[str] = []
-
-    online = _online_cpus(cpu_dir, problems)
-    nodes = _read_nodes(node_dir, problems)
-    if nodes is None:
-        cpus = online if online is not None else _fallback_cpus()
-        problems.append(f"treating CPUs {format_cpulist(cpus)} as a single NUMA node 0")
-        nodes = {0: sorted(cpus)}
-    node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
-
+def _read_cores(
+    cpu_dir: Path, node_of: dict[int, int], problems: list[str]
+) -> tuple[dict[int, int], dict[int, int]]:
+    """Socket of each CPU, and its physical core as the smallest CPU id among its siblings."""
     bad_socket: list[tuple[int, str]] = []
     bad_core: list[tuple[int, str]] = []
     socket_of: dict[int, int] = {}
@@ -258,8 +251,36 @@ def discover(sysfs_root: str = "/sys") -> Topology:
             "core unless a sibling lists it"
         )
 
+    return socket_of, {cpu: find(cpu) for cpu in node_of}
+
+
+def discover(sysfs_root: str = "/sys") -> Topology:
+    """Read NUMA nodes, sockets and SMT siblings from `<sysfs_root>/devices/system`.
+
+    Never raises for bad sysfs: missing or garbled files produce a warning (naming the file) and
+    a coarser topology, down to one node holding every CPU from os.cpu_count()/the allowed set.
+    """
+    root = Path(sysfs_root)
+    cpu_dir = root / "devices" / "system" / "cpu"
+    node_dir = root / "devices" / "system" / "node"
+    problems: list[str] = []
+
+    online = _online_cpus(cpu_dir, problems)
+    nodes = _read_nodes(node_dir, problems)
+    if nodes is None:
+        cpus = online if online is not None else _fallback_cpus()
+        problems.append(f"treating CPUs {format_cpulist(cpus)} as a single NUMA node 0")
+        nodes = {0: sorted(cpus)}
+    node_of = {cpu: node for node, cpus in nodes.items() for cpu in cpus}
+
+    if online is None:
+        # No cpuN directories to read: every node is a socket and every CPU a core.
+        socket_of, core_of = dict(node_of), {cpu: cpu for cpu in node_of}
+    else:
+        socket_of, core_of = _read_cores(cpu_dir, node_of, problems)
+
     topo = Topology(
-        cpus={cpu: Cpu(cpu, node_of[cpu], socket_of[cpu], find(cpu)) for cpu in sorted(node_of)},
+        cpus={cpu: Cpu(cpu, node_of[cpu], socket_of[cpu], core_of[cpu]) for cpu in sorted(node_of)},
         source=str(root),
         warnings=problems,
     )
@@ -349,14 +370,13 @@ def _auto_groups(topology: Topology, allowed: set[int], n: int, use_smt: bool) -
     for node in nodes:
         sockets.setdefault(topology.cpus[by_node[node][0][0]].socket, []).append(node)
     socket_nodes = [sockets[s] for s in sorted(sockets)]
+    weights = [sum(len(by_node[x]) for x in sn) for sn in socket_nodes]
     if n < len(socket_nodes):
         # Spanning sockets is unavoidable: merge neighbouring sockets, balancing core counts.
-        weights = [sum(len(by_node[x]) for x in sn) for sn in socket_nodes]
         node_groups = [
             [x for i in idx for x in socket_nodes[i]] for idx in _contiguous_groups(weights, n)
         ]
     else:
-        weights = [sum(len(by_node[x]) for x in sn) for sn in socket_nodes]
         counts = _apportion(weights, n, caps=[len(sn) for sn in socket_nodes])
         node_groups = []
         for sn, r in zip(socket_nodes, counts):

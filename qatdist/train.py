@@ -1,6 +1,7 @@
-"""Entry point: `torchrun --nproc_per_node=N -m qatdist.train [--config FILE] [--section.key=value]`.
+"""Entry point of training.
 
-Also runs as a single process with `python -m qatdist.train`.
+`torchrun --nproc_per_node=N -m qatdist.train [--config FILE] [--section.key=value ...]`, or
+`python -m qatdist.train ...` for a single process.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from qatdist import config
 from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
 from qatdist.monitor import setup_logging
 
-USAGE = """usage: torchrun --nproc_per_node=N -m qatdist.train [--config FILE] [--section.key=value ...]
+USAGE = """usage: torchrun --nproc_per_node=N -m qatdist.train [--config FILE] [--section.key=value]
 
 Distributed PT2E quantization-aware training. Without --config, configs/default.toml (the
 built-in demo) is used. Precedence: command line > config file > defaults.
@@ -34,12 +35,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
 
-    from qatdist.trainer import Trainer  # heavy imports only once the config is valid
+    from qatdist.trainer import Trainer, place_this_rank  # heavy imports once the config is valid
 
+    placement = place_this_rank(cfg.runtime, env)
     init_process_group(env, cfg.runtime.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, placement)
         trainer.train()
         trainer.finish()
     except config.ConfigError as e:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torchao
 
 from qatdist import data, topology
-from qatdist.config import Config, to_toml
+from qatdist.config import Config, RuntimeConfig, to_toml
 from qatdist.distributed import (
     DistEnv,
     all_gather_object,
@@ -41,7 +41,10 @@ def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(
-            params, lr=cfg.train.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+            params,
+            lr=cfg.train.lr,
+            momentum=o.momentum,
+            weight_decay=o.weight_decay,
             nesterov=o.momentum > 0,
         )
     return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=o.weight_decay)
@@ -63,17 +66,34 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
         digest.update(key.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def place_this_rank(cfg: RuntimeConfig, env: DistEnv) -> dict:
+    """Pin this rank to its share of the node (or, with pinning off, only set its thread count).
+    Runs before the process group starts so gloo's threads and memory land on the rank's node.
+    Returns what `topology.apply` recorded."""
+    placement = topology.local_placement(
+        env.local_rank,
+        env.local_world_size,
+        use_smt=cfg.use_smt,
+        loader_cores=cfg.loader_cores,
+        explicit_cores=cfg.cores,
+        threads=cfg.threads,
+    )
+    return topology.apply(placement, pin=cfg.pinning == "auto")
 
 
 class Trainer:
     """Distributed PT2E QAT of one model. `train()` runs the schedule, `finish()` the end."""
 
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, placement: dict):
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.run.out_dir)
-        self.placement = self._place()
+        self.placement = placement
+        pinned = placement["pinning"] == "on"
+        self.loader_cpus = placement["placement"]["loader_cpus"] if pinned else None
 
         if env.local_rank == 0:
             data.ensure_demo_shards(cfg.data, cfg.train.seed)
@@ -81,7 +101,8 @@ class Trainer:
         data.check_shards(cfg.data, env.world_size)
         global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = cfg.train.steps_per_epoch or (
-            data.count_samples(cfg.data.train_shards) // global_batch
+            data.count_samples(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe)
+            // global_batch
         )
         if self.steps_per_epoch < 1:
             raise ValueError(
@@ -101,7 +122,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             functools.partial(
-                warmup_cosine, warmup=cfg.optim.warmup_steps, total=self.total_steps,
+                warmup_cosine,
+                warmup=cfg.optim.warmup_steps,
+                total=self.total_steps,
                 min_ratio=cfg.optim.min_lr_ratio,
             ),
         )
@@ -114,7 +137,9 @@ class Trainer:
         self.history: list[dict] = []
 
         self.monitor = Monitor(
-            self.out_dir, enabled=env.is_rank0, tensorboard=cfg.log.tensorboard,
+            self.out_dir,
+            enabled=env.is_rank0,
+            tensorboard=cfg.log.tensorboard,
             total_steps=self.total_steps,
         )
         if env.is_rank0:
@@ -132,8 +157,12 @@ class Trainer:
         """Pin this rank to its cores (or only set its thread count with pinning off)."""
         r = self.cfg.runtime
         placement = topology.local_placement(
-            self.env.local_rank, self.env.local_world_size, use_smt=r.use_smt,
-            loader_cores=r.loader_cores, explicit_cores=r.cores, threads=r.threads,
+            self.env.local_rank,
+            self.env.local_world_size,
+            use_smt=r.use_smt,
+            loader_cores=r.loader_cores,
+            explicit_cores=r.cores,
+            threads=r.threads,
         )
         self.loader_cpus = placement.loader_cpus if r.pinning == "auto" else None
         return topology.apply(placement, pin=r.pinning == "auto")
@@ -157,9 +186,14 @@ class Trainer:
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, cfg.train.epochs):
             batches = data.train_batches(
-                cfg.data, batch_size=cfg.train.batch_size, steps=self.steps_per_epoch,
-                rank=self.env.rank, world_size=self.env.world_size, seed=cfg.train.seed,
-                epoch=epoch, start_step=self.step - epoch * self.steps_per_epoch,
+                cfg.data,
+                batch_size=cfg.train.batch_size,
+                steps=self.steps_per_epoch,
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                seed=cfg.train.seed,
+                epoch=epoch,
+                start_step=self.step - epoch * self.steps_per_epoch,
                 worker_init_fn=self._worker_init(),
             )
             self._train_epoch(epoch, batches)
@@ -184,8 +218,11 @@ class Trainer:
                 mean_loss = all_reduce_sum([window_loss / window_steps])[0] / self.env.world_size
                 images = window_steps * self.cfg.train.batch_size * self.env.world_size
                 self.monitor.progress(
-                    step=self.step, epoch=epoch, loss=mean_loss,
-                    images_per_s=images / elapsed, step_s=elapsed / window_steps,
+                    step=self.step,
+                    epoch=epoch,
+                    loss=mean_loss,
+                    images_per_s=images / elapsed,
+                    step_s=elapsed / window_steps,
                 )
                 self.monitor.scalar("train/loss", mean_loss, self.step)
                 self.monitor.scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
@@ -226,7 +263,9 @@ class Trainer:
 
     def _val_batches(self, batch_size: int):
         return data.val_batches(
-            self.cfg.data, batch_size=batch_size, rank=self.env.rank,
+            self.cfg.data,
+            batch_size=batch_size,
+            rank=self.env.rank,
             world_size=self.env.world_size,
         )
 
@@ -250,7 +289,9 @@ class Trainer:
         self.history.append(result)
         self.monitor.scalar("eval/fake_quant_top1", fq_top1, self.step)
         self.monitor.scalar("eval/int8_top1", int8_top1, self.step)
-        self.monitor.info(f"eval at step {self.step}: fake-quant {fq_top1:.4f} int8 {int8_top1:.4f}")
+        self.monitor.info(
+            f"eval at step {self.step}: fake-quant {fq_top1:.4f} int8 {int8_top1:.4f}"
+        )
         return result
 
     # --- the end --------------------------------------------------------------------------
@@ -291,11 +332,13 @@ class Trainer:
         self.monitor.info("converting to int8, compiling and measuring (rank 0)")
         r = cfg.runtime
         report |= finalize(
-            self.model, self.fp32_model, lambda bs: data.val_batches(
-                cfg.data, batch_size=bs, rank=0, world_size=1
-            ),
-            image_size=cfg.data.image_size, latency_batch_size=r.latency_batch_size,
-            latency_iters=r.latency_iters, out_dir=self.out_dir / "final",
+            self.model,
+            self.fp32_model,
+            lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
+            image_size=cfg.data.image_size,
+            latency_batch_size=r.latency_batch_size,
+            latency_iters=r.latency_iters,
+            out_dir=self.out_dir / "final",
             compile_model=r.compile_final,
         )
         (self.out_dir / "final" / "report.json").write_text(json.dumps(report, indent=2))

@@ -19,8 +19,14 @@ def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, timeout: int = 600, 
     full_env = {**os.environ, **(env or {})}
     full_env.pop("OMP_NUM_THREADS", None)
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={nproc}", "-m", "qatdist.train", *args,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "qatdist.train",
+        *args,
     ]
     return subprocess.run(
         command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout

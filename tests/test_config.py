@@ -36,8 +36,15 @@ def test_precedence_cli_over_file_over_defaults(tmp_path, shards):
 
 def test_cli_parsing(tmp_path):
     path, overrides = config.parse_overrides(
-        ["--config", "x.toml", "--train.lr=0.5", "--model.name", "resnet50",
-         "--quant.fp32_module_names=['conv1','fc']", "--data.allow_pipe=true"]
+        [
+            "--config",
+            "x.toml",
+            "--train.lr=0.5",
+            "--model.name",
+            "resnet50",
+            "--quant.fp32_module_names=['conv1','fc']",
+            "--data.allow_pipe=true",
+        ]
     )
     assert path == "x.toml"
     assert overrides == {
@@ -99,7 +106,10 @@ def test_every_shipped_config_parses(path, tmp_path, monkeypatch):
 def test_train_rejects_bad_config_before_any_process_group(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "qatdist.train", "--train.batch_size=0"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
     )
     assert result.returncode == 2
     assert "train.batch_size" in result.stderr
@@ -108,7 +118,9 @@ def test_train_rejects_bad_config_before_any_process_group(tmp_path):
 
 def test_help_lists_every_key():
     result = subprocess.run(
-        [sys.executable, "-m", "qatdist.train", "--help"], capture_output=True, text=True,
+        [sys.executable, "-m", "qatdist.train", "--help"],
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert result.returncode == 0

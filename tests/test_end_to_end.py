@@ -7,9 +7,19 @@ import textwrap
 import pytest
 
 REPORT_KEYS = {
-    "model", "world_size", "global_batch_size", "steps", "train_images_per_s",
-    "fp32_fake_quant_top1", "int8_top1", "int8_latency_ms", "fp32_latency_ms", "int8_speedup",
-    "latency_batch_size", "torch_version", "torchao_version",
+    "model",
+    "world_size",
+    "global_batch_size",
+    "steps",
+    "train_images_per_s",
+    "fp32_fake_quant_top1",
+    "int8_top1",
+    "int8_latency_ms",
+    "fp32_latency_ms",
+    "int8_speedup",
+    "latency_batch_size",
+    "torch_version",
+    "torchao_version",
 }
 
 
@@ -43,8 +53,9 @@ def test_final_weights_identical_on_both_ranks(run):
 def test_resolved_config_written(run):
     from qatdist import config
 
-    cfg = config.from_dict(__import__("tomllib").loads(
-        (run["out_dir"] / "resolved_config.toml").read_text()))
+    cfg = config.from_dict(
+        __import__("tomllib").loads((run["out_dir"] / "resolved_config.toml").read_text())
+    )
     assert cfg.run.out_dir == str(run["out_dir"])
     assert cfg.train.steps_per_epoch == 4
 
@@ -59,15 +70,16 @@ def test_saved_pt2_loads_in_fresh_process_and_matches(run):
     final = run["out_dir"] / "final"
     script = textwrap.dedent(f"""
         import torch, torchao  # torchao registers the quantized ops
-        ep = torch.export.load({str(final / 'model_int8.pt2')!r})
-        ref = torch.load({str(final / 'reference_io.pt')!r}, weights_only=True)
+        ep = torch.export.load({str(final / "model_int8.pt2")!r})
+        ref = torch.load({str(final / "reference_io.pt")!r}, weights_only=True)
         out = ep.module()(ref["input"])
         print((out - ref["logits"]).abs().max().item())
         small = ep.module()(ref["input"][:3])
         print(tuple(small.shape))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     max_diff, shape = result.stdout.strip().splitlines()[-2:]
     assert float(max_diff) < 1e-4

@@ -65,7 +65,7 @@ def test_cpulist_round_trip_and_errors():
     assert parse_cpulist("0-7:2/4") == [0, 1, 4, 5]
     assert parse_cpulist("") == []
     assert format_cpulist([11, 0, 1, 2, 3, 8, 10, 3]) == "0-3,8,10-11"
-    for bad in ("0-", "a", "3-1", "1,,2"):
+    for bad in ("0-", "a", "3-1", "1,,2", "0-4294967295"):
         with pytest.raises(ValueError, match="invalid CPU list"):
             parse_cpulist(bad)
 
@@ -229,6 +229,16 @@ def test_missing_topology_files_fall_back_with_warning(tmp_path):
     placements = plan(topo, 2, loader_cores=0)
     assert_disjoint(placements)
     assert [p.membind for p in placements] == [[0], [1]]
+
+
+def test_missing_cpu_dir_keeps_nodes(tmp_path):
+    root = fake_sysfs(tmp_path, sockets=1, cores=4, smt=1, nodes_per_socket=2)
+    cpu_dir = tmp_path / "devices/system/cpu"
+    cpu_dir.rename(tmp_path / "cpu-gone")
+    with pytest.warns(UserWarning, match="each CPU as a physical core"):
+        topo = discover(root)
+    assert topo.nodes == {0: [0, 1], 1: [2, 3]}
+    assert [p.membind for p in plan(topo, 2)] == [[0], [1]]
 
 
 def test_missing_sysfs_falls_back_to_this_machine(tmp_path):

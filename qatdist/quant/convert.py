@@ -6,8 +6,9 @@ import copy
 
 import torch
 import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers int8 lowerings
-from torchao.quantization.pt2e import move_exported_model_to_eval
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+from qatdist.quant.schedule import to_eval
 
 
 def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
@@ -16,7 +17,7 @@ def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
     Works on a deep copy: the prepared model keeps training unchanged.
     """
     converted = convert_pt2e(copy.deepcopy(prepared))
-    move_exported_model_to_eval(converted)
+    to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
     return converted
 
 

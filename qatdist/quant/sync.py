@@ -140,12 +140,12 @@ def _plan(model: torch.nn.Module) -> _Plan:
         low, high = ("mean", "mean") if rule == "mean" else ("min", "max")
         stats.append(_Stat(f"{name}.min_val", module.min_val, low, math.inf))
         stats.append(_Stat(f"{name}.max_val", module.max_val, high, -math.inf))
-    observer_rules = {id(s.tensor) for s in stats}
+    synced = {id(s.tensor) for s in stats}
     for name, module in modules.items():
         if not isinstance(module, FakeQuantizeBase):
             continue
         observer = getattr(module, "activation_post_process", None)
-        if observer is None or id(getattr(observer, "min_val", None)) not in observer_rules:
+        if observer is None or id(getattr(observer, "min_val", None)) not in synced:
             continue
         fake_quants.append((module, observer))
         stats.append(_Stat(f"{name}.scale", module.scale, "qparam"))
