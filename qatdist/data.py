@@ -474,6 +474,10 @@ def train_batches(
         num_workers=cfg.num_workers,
         worker_init_fn=worker_init_fn,
         in_order=True,
+        # Its own generator: drawing worker base seeds from the global RNG would make the
+        # training RNG stream depend on when loaders are created (a resumed run creates one
+        # mid-epoch); the data order is seeded explicitly above anyway.
+        generator=torch.Generator().manual_seed(seed),
     )
     return _Batches(lambda: _iterate_and_stop_workers(loader), steps - start_step)
 

@@ -35,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
 
-    from qatdist.trainer import Trainer, place_this_rank  # heavy imports once the config is valid
+    from qatdist import data  # heavy imports only once the config is valid
+    from qatdist.trainer import Trainer, place_this_rank
 
+    try:
+        data.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer per folder
+        data.check_shards(cfg.data, env.world_size)
+    except config.ConfigError as e:
+        print(f"qatdist.train: config error: {e}", file=sys.stderr)
+        return 2
     placement = place_this_rank(cfg.runtime, env)
     init_process_group(env, cfg.runtime.timeout_s)
     trainer = None

@@ -6,6 +6,7 @@ schedule and statistics sync, evaluation, and rank 0's final convert / compile /
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,12 +19,13 @@ import torch.nn.functional as F
 import torchao
 
 from qatdist import data, topology
-from qatdist.config import Config, RuntimeConfig, to_toml
+from qatdist.checkpoint import Checkpointer, CheckpointError, restore_rng_state
+from qatdist.config import Config, ConfigError, RuntimeConfig, to_toml
 from qatdist.distributed import (
     DistEnv,
     all_gather_object,
     all_reduce_sum,
-    barrier,
+    broadcast_object,
     wrap_ddp,
 )
 from qatdist.evaluate import count_correct, distributed_top1, preserved_rng
@@ -95,17 +97,13 @@ class Trainer:
         pinned = placement["pinning"] == "on"
         self.loader_cpus = placement["placement"]["loader_cpus"] if pinned else None
 
-        if env.local_rank == 0:
-            data.ensure_demo_shards(cfg.data, cfg.train.seed)
-        barrier()
-        data.check_shards(cfg.data, env.world_size)
         global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = cfg.train.steps_per_epoch or (
             data.count_samples(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe)
             // global_batch
         )
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"train.steps_per_epoch: the train shards hold fewer samples than one global "
                 f"batch ({global_batch}); set train.steps_per_epoch or a smaller train.batch_size"
             )
@@ -135,6 +133,10 @@ class Trainer:
         self.sync_seconds = 0.0
         self.train_seconds = 0.0
         self.history: list[dict] = []
+        self.resumed_from_step: int | None = None
+        self.checkpointer = Checkpointer(
+            self.out_dir, cfg.checkpoint, rank=env.rank, world_size=env.world_size
+        )
 
         self.monitor = Monitor(
             self.out_dir,
@@ -147,25 +149,72 @@ class Trainer:
             (self.out_dir / "resolved_config.toml").write_text(to_toml(cfg))
             self.monitor.text("config/resolved", "```\n" + to_toml(cfg) + "\n```")
         self._write_topology()
+        self._resume()
         self.monitor.info(
             f"{cfg.model.name}: {env.world_size} rank(s) x batch {cfg.train.batch_size}, "
             f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
             f"{torch.get_num_threads()} thread(s) per rank"
         )
 
-    def _place(self) -> dict:
-        """Pin this rank to its cores (or only set its thread count with pinning off)."""
-        r = self.cfg.runtime
-        placement = topology.local_placement(
-            self.env.local_rank,
-            self.env.local_world_size,
-            use_smt=r.use_smt,
-            loader_cores=r.loader_cores,
-            explicit_cores=r.cores,
-            threads=r.threads,
-        )
-        self.loader_cpus = placement.loader_cpus if r.pinning == "auto" else None
-        return topology.apply(placement, pin=r.pinning == "auto")
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, dict]:
+        """The checkpoint parts: model (a plain state dict of the prepared model), optimizer,
+        LR scheduler, and the train state (step, QAT phase, data position, config)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "train_state": {
+                "step": self.step,
+                "epoch": self.step // self.steps_per_epoch,
+                "step_in_epoch": self.step % self.steps_per_epoch,
+                "steps_per_epoch": self.steps_per_epoch,
+                "phase": dataclasses.asdict(self.phase),
+                "eval_history": self.history,
+                "config": self.cfg.to_dict(),
+            },
+        }
+
+    def load_state_dict(self, parts: dict[str, dict]) -> None:
+        train_state = parts["train_state"]
+        if train_state["steps_per_epoch"] != self.steps_per_epoch:
+            raise CheckpointError(
+                f"checkpoint has {train_state['steps_per_epoch']} steps per epoch, this run "
+                f"{self.steps_per_epoch}: the data position would not match (keep "
+                "train.batch_size, train.steps_per_epoch and the shards of the original run)"
+            )
+        self.model.load_state_dict(parts["model"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scheduler.load_state_dict(parts["scheduler"])
+        self.step = train_state["step"]
+        self.history = list(train_state["eval_history"])
+        self.phase = schedule.QatPhase(**train_state["phase"])
+        schedule.apply_phase(self.model, self.phase)
+        restore_rng_state(parts["rng"])
+
+    def _resume(self) -> None:
+        """Resume from checkpoint.resume_from, else from the newest complete checkpoint. Rank 0
+        chooses, so every rank loads the same folder."""
+        folder = None
+        if self.env.is_rank0:
+            found = self.checkpointer.resolve_resume(self.cfg.checkpoint.resume_from)
+            folder = str(found) if found else None
+        folder = broadcast_object(folder)
+        if folder is None:
+            return
+        self.load_state_dict(self.checkpointer.load(Path(folder)))
+        self.resumed_from_step = self.step
+        self.monitor.info(f"resumed from {folder} at step {self.step}")
+
+    def save_checkpoint(self) -> None:
+        """Sync statistics, then write `checkpoints/step-<N>` (collective: every rank calls)."""
+        if not self.cfg.checkpoint.enabled:
+            return
+        self.sync()
+        folder = self.checkpointer.save(self.step, self.state_dict())
+        if folder is not None:
+            self.monitor.info(f"checkpoint {folder}")
 
     def _write_topology(self) -> None:
         records = all_gather_object({"global_rank": self.env.rank, **self.placement})
@@ -199,6 +248,7 @@ class Trainer:
             self._train_epoch(epoch, batches)
             if cfg.train.eval_every_epochs and (epoch + 1) % cfg.train.eval_every_epochs == 0:
                 self.evaluate(epoch)
+            self.save_checkpoint()
 
     def _train_epoch(self, epoch: int, batches) -> None:
         log_every = self.cfg.train.log_every_steps
@@ -209,7 +259,10 @@ class Trainer:
             loss = self.train_step(batch.images, batch.labels)
             self.train_seconds += time.perf_counter() - step_start
             self.step += 1
-            if self.step % self.cfg.quant.sync_every_steps == 0:
+            every = self.cfg.checkpoint.every_steps
+            if every and self.step % every == 0 and self.step % self.steps_per_epoch:
+                self.save_checkpoint()  # epoch ends are saved by train()
+            elif self.step % self.cfg.quant.sync_every_steps == 0:
                 self.sync()
             window_loss += loss
             window_steps += 1
@@ -322,6 +375,7 @@ class Trainer:
             "observer_sync_max_divergence_after": final_sync.max_divergence_after,
             "observer_sync_seconds_total": self.sync_seconds,
             "final_state_sha256": hashes[0],
+            "resumed_from_step": self.resumed_from_step,
             "rank_state_sha256": hashes,
             "eval_history": self.history,
             "torch_version": torch.__version__,
