@@ -68,3 +68,31 @@ def test_mobilenet_v3_prepares_trains_converts_and_compiles():
     assert compiled.shape == (8, 10)
     # Compiled int8 kernels and the reference q/dq graph round differently; predictions agree.
     assert (compiled.argmax(1) == eager.argmax(1)).float().mean() >= 0.75
+
+
+def test_skipping_absent_conv_types_converts_identically():
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from qatdist.quant.schedule import to_eval
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8, 4),
+    )
+    prepared = prepare_qat(capture(model, torch.randn(2, 3, 12, 12)), QuantConfig())
+    for _ in range(2):
+        prepared(torch.randn(4, 3, 12, 12))
+    fast = convert_to_int8(prepared)
+    plain = convert_pt2e(copy.deepcopy(prepared))
+    to_eval(plain)
+    assert str(fast.graph) == str(plain.graph)
+    images = torch.randn(3, 3, 12, 12)
+    assert torch.equal(fast(images), plain(images))

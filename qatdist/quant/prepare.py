@@ -12,6 +12,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ConfigError, QuantConfig
+from qatdist.quant.conv_bn_patterns import only_present_conv_types
 
 
 def _resolve_type(dotted: str) -> type:
@@ -68,4 +69,5 @@ def build_quantizer(cfg: QuantConfig) -> X86InductorQuantizer:
 
 def prepare_qat(graph_module: torch.fx.GraphModule, cfg: QuantConfig) -> torch.fx.GraphModule:
     """Insert fake-quant/observer modules for QAT into a captured graph module."""
-    return prepare_qat_pt2e(graph_module, build_quantizer(cfg))
+    with only_present_conv_types():
+        return prepare_qat_pt2e(graph_module, build_quantizer(cfg))
