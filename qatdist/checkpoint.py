@@ -145,8 +145,9 @@ class Checkpointer:
         """Checkpoint `parts` (e.g. {"model": ..., "optimizer": ..., "scheduler": ...,
         "train_state": ...}, each a state dict of tensors and plain values) at `step`, with
         every rank's RNG states. Collective: call on every rank. Rank 0 writes and returns the
-        folder; other ranks return None. A step that already has a complete folder is not
-        rewritten. Nothing is written when checkpointing is disabled. A failure on rank 0 raises
+        folder; other ranks return None. A step that already has a complete folder whose files
+        match its manifest is not rewritten (a corrupt one is replaced, with a warning). Nothing
+        is written when checkpointing is disabled. A failure on rank 0 raises
         CheckpointError on every rank."""
         if not self.cfg.enabled:
             return None
@@ -171,9 +172,13 @@ class Checkpointer:
             _check_part(name, part)
         final = self.root / f"step-{step}"
         if (final / MANIFEST).is_file():
-            return final
+            try:
+                _verify(final)
+                return final
+            except CheckpointError as e:  # e.g. the corrupt newest one a resume skipped
+                warnings.warn(f"qatdist.checkpoint: replacing {final}: {e}", stacklevel=2)
         self._make_root()
-        if final.exists():  # a folder without manifest was not written by this module
+        if final.exists():  # incomplete, corrupt, or not written by this module
             self._remove(final)
 
         tmp = self.root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"

@@ -28,14 +28,14 @@ _SPLITS = {"train": 0, "val": 1}
 
 # Difficulty knobs (uniform ranges), calibrated with a short ResNet-18 run; see the docstring.
 RADIUS = (0.28, 0.42)  # object radius as a fraction of the image size
-ROTATION = 0.6  # object rotation range in radians, +-
+ROTATION = 0.4  # object rotation range in radians, +-
 HUE_SPREAD = 0.07  # object hue = hue-family centre (shape index / 5) +- this
 CLUTTER_BEHIND = (0, 3)  # distractors drawn before the object
-CLUTTER_FRONT = (0, 2)  # distractors drawn over the object (upper bound exclusive)
+CLUTTER_FRONT = (0, 1)  # distractors drawn over the object (upper bound exclusive)
 FAINT_TEXTURE_PROB = 0.3  # chance of a faint stripe/checker background
-TEXTURE_CONTRAST = (0.25, 0.6)  # brightness difference between the object's two tones
+TEXTURE_CONTRAST = (0.35, 0.65)  # brightness difference between the object's two tones
 TEXTURE_FREQ = (1.4, 2.4)  # texture cells per object radius
-NOISE_STD = (3, 12)  # Gaussian pixel noise
+NOISE_STD = (2, 8)  # Gaussian pixel noise
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:

@@ -1,16 +1,48 @@
 """Run monitoring: console progress and TensorBoard, both written by rank 0 only.
 
-Other ranks' monitors are silent (they still log warnings and errors through `logging`).
+Other ranks' monitors write nothing (they still log warnings and errors through `logging`), but
+every rank calls the same methods: `end_step` reduces the log window's numbers over ranks and
+gathers each rank's CPU and memory, so it is a collective. The tag families (see
+docs/monitoring.md):
+
+- `train/`: loss, top-1 of the train batches (both averaged over the log window and the ranks),
+  learning rate.
+- `perf/`: global images/s, step time, the fraction of it spent waiting for data (blocked in the
+  loader's `next()`), gradient all-reduce time (a DDP comm hook times each bucket's all-reduce
+  from launch to the completion of its future; the union of those intervals per step, so
+  buckets in flight together count once; it overlaps backward), statistics-sync time, each
+  rank's CPU utilisation and resident memory (`perf/rank<r>/cpu_percent`, `.../rss_mb`), and
+  the monitor's own cost (`perf/monitor_seconds`).
+- `quant/`: flags (fake quant on, observers frozen, BN frozen) at each log step; per-layer
+  activation scale / zero point, weight-scale mean/min/max and weight SQNR at each statistics
+  sync (or every `log.quant_every_steps`); a histogram of the layers' SQNR; the layer table.
+- `eval/`, `final/`, `config/`, and the hparams plugin's summary of the run.
+
+A scalar at x = s describes the s-th optimizer step (the window ending with it); `train/lr` is
+the rate after s scheduler steps, i.e. the one step s + 1 uses.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import psutil
+import torch
+
+from qatdist.config import Config, LogConfig
+from qatdist.distributed import all_gather_object, all_reduce_sum
+from qatdist.quant import inspect as quant_inspect
+from qatdist.quant import schedule
+
 log = logging.getLogger("qatdist")
+
+BAR_WIDTH = 30
 
 
 def setup_logging(rank: int) -> None:
@@ -32,25 +64,288 @@ def format_duration(seconds: float) -> str:
     return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
 
 
-class Monitor:
-    """Console progress and TensorBoard scalars; a no-op on ranks other than 0."""
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of (start, end) intervals."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
 
-    def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, total_steps: int):
+
+class AllReduceTimer:
+    """DDP comm hook: the default all-reduce (sum / world size), with each bucket's interval from
+    launch to the completion of its future recorded. `take()` returns the union of the
+    intervals recorded since the last call (seconds during which a gradient all-reduce was in
+    flight) and clears them."""
+
+    def __init__(self) -> None:
+        self._intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()  # futures complete on the backend's threads
+
+    def hook(self, process_group, bucket):
+        # No annotations: DDP checks them by identity, and this module's are strings.
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        start = time.perf_counter()
+
+        def done(fut):
+            end = time.perf_counter()
+            with self._lock:
+                self._intervals.append((start, end))
+            return fut.value()
+
+        return allreduce_hook(process_group, bucket).then(done)
+
+    def take(self) -> float:
+        with self._lock:
+            intervals, self._intervals = self._intervals, []
+        return union_seconds(intervals)
+
+
+def _rank_usage(process: psutil.Process) -> dict[str, float]:
+    """CPU utilisation of this process since the previous call (100 = one core busy; the
+    loader's worker processes are not included) and its resident memory in MB."""
+    return {
+        "cpu_percent": process.cpu_percent(interval=None),
+        "rss_mb": process.memory_info().rss / 2**20,
+    }
+
+
+class Monitor:
+    """Console progress and TensorBoard; writes only where `enabled` (rank 0).
+
+    `end_step` is a collective (every rank calls it after every optimizer step); every other
+    method is local and returns at once where the monitor is disabled."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        cfg: LogConfig,
+        *,
+        enabled: bool,
+        total_steps: int,
+        log_every_steps: int = 1,
+        global_batch_size: int = 1,
+    ):
         self.enabled = enabled
+        self.cfg = cfg
         self.total_steps = total_steps
+        self.log_every_steps = log_every_steps
+        self.global_batch_size = global_batch_size
         self.is_tty = sys.stdout.isatty()
         self.writer = None
-        if enabled and tensorboard:
+        if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
-        self._window_start = time.perf_counter()
-        self._window_steps = 0
+        self.allreduce = AllReduceTimer()
+        self._process = psutil.Process()
+        self._process.cpu_percent(interval=None)  # starts the measurement interval
+        self._bar_open = False  # a progress bar line waits for its newline
+        self._points: list[quant_inspect.QuantPoint] | None = None
+        self._quant_logged_at = -1
+        self.seconds = 0.0  # the monitor's own time (reductions, summaries, writes)
+        self.loop_seconds = 0.0  # all steps' time, from asking for the batch to end_step
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._w_steps = 0
+        self._w_loss = 0.0
+        self._w_correct = 0
+        self._w_samples = 0
+        self._w_seconds = 0.0  # from asking the loader for a batch to the end of the step
+        self._w_data_wait = 0.0
+        self._w_allreduce = 0.0
+        self._w_sync = 0.0
+        self._step_start: float | None = None
+
+    # --- hooks into the loop ------------------------------------------------------------
+
+    def watch_ddp(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
+        """Time gradient all-reduce with a comm hook (call before the first backward)."""
+        ddp.register_comm_hook(None, self.allreduce.hook)
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """Yield `batches`, timing how long each `next()` blocks (data wait) and starting the
+        step clock; time between epochs (evaluation, checkpoints) is not counted."""
+        iterator = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self._w_data_wait += time.perf_counter() - start
+            self._step_start = start
+            yield batch
+
+    def end_step(
+        self,
+        *,
+        step: int,
+        epoch: int,
+        loss: float,
+        correct: int,
+        samples: int,
+        lr: float,
+        model: torch.nn.Module,
+    ) -> None:
+        """Account one finished optimizer step (`step` counts it) on every rank; at log steps
+        reduce the window over ranks, gather CPU/memory, print progress and write scalars.
+        Collective at log steps: every rank must call it."""
+        now = time.perf_counter()
+        if self._step_start is not None:
+            self._w_seconds += now - self._step_start
+            self.loop_seconds += now - self._step_start
+            self._step_start = None
+        self._w_steps += 1
+        self._w_loss += loss
+        self._w_correct += correct
+        self._w_samples += samples
+        self._w_allreduce += self.allreduce.take()
+        if self.cfg.quant_every_steps > 0 and step % self.cfg.quant_every_steps == 0:
+            self.quant_summary(model, step)
+        if step % self.log_every_steps and step != self.total_steps:
+            return
+        start = time.perf_counter()
+        n = self._w_steps
+        loss_means, correct, samples, data_wait, allreduce, seconds, world = all_reduce_sum(
+            [
+                self._w_loss / n,
+                self._w_correct,
+                self._w_samples,
+                self._w_data_wait,
+                self._w_allreduce,
+                self._w_seconds,
+                1.0,
+            ]
+        )
+        usage = all_gather_object(_rank_usage(self._process))
+        seconds_per_rank = seconds / world
+        step_s = seconds_per_rank / n if seconds_per_rank > 0 else 0.0
+        images_per_s = n * self.global_batch_size / seconds_per_rank if seconds_per_rank else 0.0
+        mean_loss = loss_means / world
+        self.progress(
+            step=step, epoch=epoch, loss=mean_loss, images_per_s=images_per_s, step_s=step_s
+        )
+        if self.writer is not None:
+            self.scalar("train/loss", mean_loss, step)
+            self.scalar("train/top1", correct / samples if samples else 0.0, step)
+            self.scalar("train/lr", lr, step)
+            self.scalar("perf/images_per_s", images_per_s, step)
+            self.scalar("perf/step_seconds", step_s, step)
+            if seconds > 0:
+                self.scalar("perf/data_wait_fraction", data_wait / seconds, step)
+                self.scalar("perf/allreduce_fraction", allreduce / seconds, step)
+            self.scalar("perf/allreduce_seconds_per_step", allreduce / world / n, step)
+            if self._w_seconds > 0:
+                self.scalar("perf/sync_fraction", self._w_sync / self._w_seconds, step)
+            for rank, values in enumerate(usage):
+                for key, value in values.items():
+                    self.scalar(f"perf/rank{rank}/{key}", value, step)
+            phase = schedule.current_phase(model)
+            self.scalar("quant/fake_quant_on", float(phase.fake_quant_on), step)
+            self.scalar("quant/observers_frozen", float(phase.observers_frozen), step)
+            self.scalar("quant/bn_frozen", float(phase.bn_frozen), step)
+            self.scalar("perf/monitor_seconds", self.seconds, step)
+        self._reset_window()
+        self.seconds += time.perf_counter() - start
+
+    def on_sync(self, seconds: float, step: int, model: torch.nn.Module) -> None:
+        """A statistics sync took `seconds`; with `log.quant_every_steps` 0 this is when the
+        quant summaries are written (once per step however many syncs it has)."""
+        if self._step_start is not None:  # inside a step (not an epoch-end or final sync)
+            self._w_sync += seconds
+        self.scalar("perf/sync_seconds", seconds, step)
+        if self.cfg.quant_every_steps == 0:
+            self.quant_summary(model, step)
+
+    # --- quant summaries ----------------------------------------------------------------
+
+    def quant_summary(self, model: torch.fx.GraphModule, step: int) -> None:
+        """Per-layer activation qparams, weight-scale statistics and weight SQNR (rank 0)."""
+        if self.writer is None or step == self._quant_logged_at:
+            return
+        start = time.perf_counter()
+        self._quant_logged_at = step
+        if self._points is None:
+            self._points = quant_inspect.quant_points(model)
+            self.text("quant/layers", quant_inspect.points_table(self._points), step)
+        sqnrs = []
+        for s in quant_inspect.summarize(model, self._points):
+            layer = s.point.layer
+            if s.point.kind == "activation":
+                self.scalar(f"quant/act_scale/{layer}", s.scale_mean, step)
+                self.scalar(f"quant/act_zero_point/{layer}", s.zero_point, step)
+                continue
+            self.scalar(f"quant/weight_scale_mean/{layer}", s.scale_mean, step)
+            self.scalar(f"quant/weight_scale_min/{layer}", s.scale_min, step)
+            self.scalar(f"quant/weight_scale_max/{layer}", s.scale_max, step)
+            if s.sqnr_db is not None and math.isfinite(s.sqnr_db):
+                self.scalar(f"quant/weight_sqnr_db/{layer}", s.sqnr_db, step)
+                sqnrs.append(s.sqnr_db)
+        if sqnrs:
+            self.writer.add_histogram("quant/weight_sqnr_db", torch.tensor(sqnrs), step)
+        self.seconds += time.perf_counter() - start
+
+    # --- the end --------------------------------------------------------------------------
+
+    def final(self, report: dict, cfg: Config) -> None:
+        """Final latencies, speedup and accuracies as `final/` scalars, the monitor's own time
+        as a fraction of the training loop's, and the run's hyperparameters with those metrics
+        (hparams plugin)."""
+        if self.writer is None:
+            return
+        step = report["steps"]
+        metrics = {
+            f"final/{key}": float(report[key])
+            for key in (
+                "fp32_fake_quant_top1",
+                "int8_top1",
+                "int8_latency_ms",
+                "fp32_latency_ms",
+                "int8_speedup",
+                "train_images_per_s",
+            )
+        }
+        if self.loop_seconds > 0:
+            metrics["final/monitor_overhead_fraction"] = self.seconds / self.loop_seconds
+        for tag, value in metrics.items():
+            self.scalar(tag, value, step)
+        hparams = {
+            "model": cfg.model.name,
+            "world_size": report["world_size"],
+            "global_batch_size": report["global_batch_size"],
+            "batch_size": cfg.train.batch_size,
+            "epochs": cfg.train.epochs,
+            "lr": cfg.train.lr,
+            "optimizer": cfg.optim.name,
+            "warmup_steps": cfg.optim.warmup_steps,
+            "weight_decay": cfg.optim.weight_decay,
+            "image_size": cfg.data.image_size,
+            "fake_quant_start_step": cfg.quant.fake_quant_start_step,
+            "observer_freeze_step": cfg.quant.observer_freeze_step,
+            "bn_freeze_step": cfg.quant.bn_freeze_step,
+            "sync_every_steps": cfg.quant.sync_every_steps,
+        }
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        # Into this run's own event file (SummaryWriter.add_hparams would start a sub-run), so
+        # the HParams dashboard pairs these values with the final/ scalars above.
+        file_writer = self.writer.file_writer
+        for summary in hparams_summary(hparams, metrics):
+            file_writer.add_summary(summary)
+
+    # --- plain output -------------------------------------------------------------------
 
     def progress(
         self, *, step: int, epoch: int, loss: float, images_per_s: float, step_s: float
     ) -> None:
-        """One progress line: step / total, epoch, loss, images/s, ETA."""
+        """Step / total, epoch, loss, images/s and ETA: a bar redrawn in place on a terminal,
+        one line per call otherwise."""
         if not self.enabled:
             return
         eta = format_duration((self.total_steps - step) * step_s)
@@ -59,12 +354,20 @@ class Monitor:
             f"{images_per_s:.1f} img/s eta {eta}"
         )
         if self.is_tty:
-            done = int(30 * step / max(1, self.total_steps))
-            bar = "#" * done + "." * (30 - done)
-            end = "\n" if step >= self.total_steps else ""
-            print(f"\r[{bar}] {line}", end=end, flush=True)
+            done = min(BAR_WIDTH, BAR_WIDTH * step // max(1, self.total_steps))
+            bar = "#" * done + "." * (BAR_WIDTH - done)
+            # \033[K clears what a longer previous line left behind
+            print(f"\r[{bar}] {line}\033[K", end="", flush=True)
+            self._bar_open = True
+            if step >= self.total_steps:
+                self._end_bar()
         else:
             print(line, flush=True)
+
+    def _end_bar(self) -> None:
+        if self._bar_open:
+            print(flush=True)
+            self._bar_open = False
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -76,11 +379,12 @@ class Monitor:
 
     def info(self, message: str) -> None:
         if self.enabled:
-            if self.is_tty:
-                print(flush=True)
+            self._end_bar()  # a message on its own line, not glued to the bar
             log.info(message)
 
     def close(self) -> None:
+        if self.enabled:
+            self._end_bar()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

@@ -10,8 +10,6 @@ import logging
 import sys
 
 from qatdist import config
-from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
-from qatdist.monitor import setup_logging
 
 USAGE = """usage: torchrun --nproc_per_node=N -m qatdist.train [--config FILE] [--section.key=value]
 
@@ -27,20 +25,31 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(USAGE + config.help_text())
         return 0
-    env = env_from_torchrun()
-    setup_logging(env.rank)
     try:
-        cfg = config.load_from_argv(argv)  # rejected before any process group starts
+        # Rejected before torch is even imported (seconds), let alone a process group started.
+        cfg = config.load_from_argv(argv)
     except config.ConfigError as e:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
 
     from qatdist import data  # heavy imports only once the config is valid
+    from qatdist.checkpoint import Checkpointer, CheckpointError
+    from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
+    from qatdist.monitor import setup_logging
     from qatdist.trainer import Trainer, place_this_rank
 
+    env = env_from_torchrun()
+    setup_logging(env.rank)
     try:
         data.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer per folder
         data.check_shards(cfg.data, env.world_size)
+        if cfg.checkpoint.resume_from:  # an unusable folder stops here, before any set-up
+            try:
+                Checkpointer(
+                    cfg.run.out_dir, cfg.checkpoint, rank=env.rank, world_size=env.world_size
+                ).resolve_resume(cfg.checkpoint.resume_from)
+            except CheckpointError as e:
+                raise config.ConfigError(f"checkpoint.resume_from: {e}") from None
     except config.ConfigError as e:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
@@ -54,11 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         logging.getLogger("qatdist").error("config error: %s", e)
         return 2
+    except CheckpointError as e:  # e.g. a checkpoint refused on load; nothing in it ran
+        logging.getLogger("qatdist").error("checkpoint error: %s", e)
+        return 2
+    except data.DataError as e:  # a bad shard or sample under data.on_error='raise'
+        logging.getLogger("qatdist").error("data error: %s", _own_message(e))
+        return 1
     finally:
         if trainer is not None:
             trainer.close()
         shutdown()
     return 0
+
+
+def _own_message(error: Exception) -> str:
+    """The error's own message: one raised in a DataLoader worker comes back as 'Caught
+    DataError in DataLoader worker process N.' followed by the worker's traceback, whose last
+    line is the original message."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from qatdist.config import Config, ConfigError, RuntimeConfig, to_toml
 from qatdist.distributed import (
     DistEnv,
     all_gather_object,
-    all_reduce_sum,
     broadcast_object,
     wrap_ddp,
 )
@@ -132,7 +131,9 @@ class Trainer:
         self.last_sync: SyncStats | None = None
         self.sync_seconds = 0.0
         self.train_seconds = 0.0
+        self.last_correct = 0  # top-1 correct count of the last train batch (for the monitor)
         self.history: list[dict] = []
+        self.skipped_samples = 0  # bad samples this rank skipped (data.on_error='skip')
         self.resumed_from_step: int | None = None
         self.checkpointer = Checkpointer(
             self.out_dir, cfg.checkpoint, rank=env.rank, world_size=env.world_size
@@ -140,10 +141,13 @@ class Trainer:
 
         self.monitor = Monitor(
             self.out_dir,
+            cfg.log,
             enabled=env.is_rank0,
-            tensorboard=cfg.log.tensorboard,
             total_steps=self.total_steps,
+            log_every_steps=cfg.train.log_every_steps,
+            global_batch_size=global_batch,
         )
+        self.monitor.watch_ddp(self.ddp)
         if env.is_rank0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "resolved_config.toml").write_text(to_toml(cfg))
@@ -172,6 +176,7 @@ class Trainer:
                 "steps_per_epoch": self.steps_per_epoch,
                 "phase": dataclasses.asdict(self.phase),
                 "eval_history": self.history,
+                "skipped_samples": self.skipped_samples,
                 "config": self.cfg.to_dict(),
             },
         }
@@ -189,6 +194,7 @@ class Trainer:
         self.scheduler.load_state_dict(parts["scheduler"])
         self.step = train_state["step"]
         self.history = list(train_state["eval_history"])
+        self.skipped_samples = train_state.get("skipped_samples", 0)  # older checkpoints lack it
         self.phase = schedule.QatPhase(**train_state["phase"])
         schedule.apply_phase(self.model, self.phase)
         restore_rng_state(parts["rng"])
@@ -251,41 +257,34 @@ class Trainer:
             self.save_checkpoint()
 
     def _train_epoch(self, epoch: int, batches) -> None:
-        log_every = self.cfg.train.log_every_steps
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-        for batch in batches:
+        for batch in self.monitor.timed(batches):
             self._advance_phase()
             step_start = time.perf_counter()
             loss = self.train_step(batch.images, batch.labels)
             self.train_seconds += time.perf_counter() - step_start
             self.step += 1
+            self.skipped_samples += batch.skipped
             every = self.cfg.checkpoint.every_steps
             if every and self.step % every == 0 and self.step % self.steps_per_epoch:
                 self.save_checkpoint()  # epoch ends are saved by train()
             elif self.step % self.cfg.quant.sync_every_steps == 0:
                 self.sync()
-            window_loss += loss
-            window_steps += 1
-            if self.step % log_every == 0 or self.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = all_reduce_sum([window_loss / window_steps])[0] / self.env.world_size
-                images = window_steps * self.cfg.train.batch_size * self.env.world_size
-                self.monitor.progress(
-                    step=self.step,
-                    epoch=epoch,
-                    loss=mean_loss,
-                    images_per_s=images / elapsed,
-                    step_s=elapsed / window_steps,
-                )
-                self.monitor.scalar("train/loss", mean_loss, self.step)
-                self.monitor.scalar("train/lr", self.scheduler.get_last_lr()[0], self.step)
-                self.monitor.scalar("perf/images_per_s", images / elapsed, self.step)
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            self.monitor.end_step(
+                step=self.step,
+                epoch=epoch,
+                loss=loss,
+                correct=self.last_correct,
+                samples=len(batch.labels),
+                lr=self.scheduler.get_last_lr()[0],
+                model=self.model,
+            )
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimizer step on this rank's batch; returns the local loss."""
+        """One optimizer step on this rank's batch; returns the local loss (and keeps the
+        batch's correct top-1 count in `last_correct`)."""
         logits = self.ddp(images)
         loss = F.cross_entropy(logits, labels)
+        self.last_correct = int((logits.detach().argmax(dim=1) == labels).sum())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -309,7 +308,7 @@ class Trainer:
         stats = sync_quant_stats(self.model)
         self.sync_seconds += stats.seconds
         self.last_sync = stats
-        self.monitor.scalar("perf/sync_seconds", stats.seconds, self.step)
+        self.monitor.on_sync(stats.seconds, self.step, self.model)
         return stats
 
     # --- evaluation ---------------------------------------------------------------------
@@ -359,7 +358,10 @@ class Trainer:
             schedule.to_eval(self.model)
             schedule.apply_phase(self.model, _observing_off(self.phase))
             fq_top1 = distributed_top1(*count_correct(self.model, self._val_batches(batch_size)))
-        hashes = all_gather_object(state_sha256(self.model.state_dict()))
+        ranks = all_gather_object(
+            (state_sha256(self.model.state_dict()), self.step, self.skipped_samples)
+        )
+        hashes = [sha for sha, _, _ in ranks]
         global_batch = cfg.train.batch_size * self.env.world_size
         report = {
             "model": cfg.model.name,
@@ -377,6 +379,8 @@ class Trainer:
             "final_state_sha256": hashes[0],
             "resumed_from_step": self.resumed_from_step,
             "rank_state_sha256": hashes,
+            "rank_steps": [steps for _, steps, _ in ranks],
+            "skipped_samples": sum(skipped for _, _, skipped in ranks),
             "eval_history": self.history,
             "torch_version": torch.__version__,
             "torchao_version": torchao.__version__,
@@ -385,19 +389,21 @@ class Trainer:
             return None
         self.monitor.info("converting to int8, compiling and measuring (rank 0)")
         r = cfg.runtime
-        report |= finalize(
+        # finalize writes report.json; the AOTInductor package (about a minute to build for
+        # resnet18 on 2 cores) is left to scripts/export_final.py, which runs this same step.
+        report = finalize(
             self.model,
             self.fp32_model,
             lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
             image_size=cfg.data.image_size,
-            latency_batch_size=r.latency_batch_size,
+            batch_sizes=[r.latency_batch_size],
             latency_iters=r.latency_iters,
             out_dir=self.out_dir / "final",
             compile_model=r.compile_final,
+            aoti=False,
+            report=report,
         )
-        (self.out_dir / "final" / "report.json").write_text(json.dumps(report, indent=2))
-        for key in ("fp32_fake_quant_top1", "int8_top1", "int8_speedup"):
-            self.monitor.scalar(f"final/{key}", report[key], self.step)
+        self.monitor.final(report, cfg)
         self.monitor.info(
             f"done: fake-quant top-1 {fq_top1:.4f}, int8 top-1 {report['int8_top1']:.4f}, "
             f"int8 {report['int8_latency_ms']:.2f} ms vs fp32 {report['fp32_latency_ms']:.2f} ms "

@@ -60,6 +60,11 @@ def tiny_run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[st
         "--train.lr=0.02",
         "--train.log_every_steps=2",
         "--quant.sync_every_steps=3",
+        # each QAT switch lands between two log steps (2, 4, 6, 8), so TensorBoard shows it
+        "--quant.fake_quant_start_step=2",
+        "--quant.observer_freeze_step=4",
+        "--quant.bn_freeze_step=6",
+        "--train.eval_every_epochs=2",  # one evaluation (at the end) writes the eval/ tags
         "--runtime.latency_batch_size=8",
         "--runtime.latency_iters=3",
         *extra,
