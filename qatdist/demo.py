@@ -29,12 +29,12 @@ _SPLITS = {"train": 0, "val": 1}
 # Difficulty knobs (uniform ranges), calibrated with a short ResNet-18 run; see the docstring.
 RADIUS = (0.28, 0.42)  # object radius as a fraction of the image size
 ROTATION = 0.4  # object rotation range in radians, +-
-HUE_SPREAD = 0.07  # object hue = hue-family centre (shape index / 5) +- this
+HUE_SPREAD = 0.06  # object hue = class hue centre (label / 10) +- this: neighbours overlap
 CLUTTER_BEHIND = (0, 3)  # distractors drawn before the object
 CLUTTER_FRONT = (0, 1)  # distractors drawn over the object (upper bound exclusive)
 FAINT_TEXTURE_PROB = 0.3  # chance of a faint stripe/checker background
-TEXTURE_CONTRAST = (0.35, 0.65)  # brightness difference between the object's two tones
-TEXTURE_FREQ = (1.4, 2.4)  # texture cells per object radius
+TEXTURE_CONTRAST = (0.45, 0.75)  # brightness difference between the object's two tones
+TEXTURE_FREQ = (1.0, 1.8)  # texture cells per object radius
 NOISE_STD = (2, 8)  # Gaussian pixel noise
 
 
@@ -125,10 +125,10 @@ def draw(label: int, rng: np.random.Generator, image_size: int = 64) -> np.ndarr
     tu, tv = _rotate(u, v, rng.uniform(0, math.pi))
     freq = rng.uniform(*TEXTURE_FREQ)
     tone = _texture_mask(texture, tu + rng.uniform(0, 2), tv + rng.uniform(0, 2), freq)
-    hue = (label // len(TEXTURES) / len(SHAPES) + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
+    hue = (label / NUM_CLASSES + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
     value_a = rng.uniform(0.35, 1.0)
     value_b = value_a - math.copysign(rng.uniform(*TEXTURE_CONTRAST), value_a - 0.675)
-    saturation = rng.uniform(0.35, 1.0)
+    saturation = rng.uniform(0.5, 1.0)
     colour_a = np.array(colorsys.hsv_to_rgb(hue, saturation, value_a)) * 255
     colour_b = np.array(colorsys.hsv_to_rgb(hue, saturation, float(np.clip(value_b, 0, 1)))) * 255
     _paint(img, mask & tone, colour_a)

@@ -418,16 +418,22 @@ def _explicit_groups(topology: Topology, allowed: set[int], n: int, text: str) -
     return groups
 
 
+# Loader cores are dedicated (taken out of the compute set) only when they are at most a quarter
+# of the rank's physical cores.
+LOADER_SHARE_BELOW = 4
+
+
 def _placement(
     rank: int, cores: list[list[int]], topology: Topology, loader_cores: int, threads: int
 ) -> RankPlacement:
-    take = min(loader_cores, len(cores) - 1)
     if loader_cores == 0:
         compute, loader = cores, cores
-    elif take == 0:
-        compute, loader = cores, cores[-1:]  # a one-core rank shares its core with the loader
+    elif len(cores) < LOADER_SHARE_BELOW * loader_cores:
+        # A small rank would lose too much compute to dedicated loader cores (a 2-core rank
+        # would train on one thread): the loader shares the rank's last cores instead.
+        compute, loader = cores, cores[-min(loader_cores, len(cores)) :]
     else:
-        compute, loader = cores[:-take], cores[-take:]
+        compute, loader = cores[:-loader_cores], cores[-loader_cores:]
     cpus = sorted(c for core in compute for c in core)
     loader_cpus = sorted(c for core in loader for c in core)
     node_counts = Counter(topology.cpus[c].node for c in cpus)
@@ -456,7 +462,8 @@ def plan(
     """Place `nproc_per_node` local ranks on the allowed CPUs of `topology`.
 
     `allowed_cpus` defaults to every CPU of the topology. Each rank's last `loader_cores` physical
-    cores become its `loader_cpus` (a one-core rank shares it; 0 means the loader shares the whole
+    cores become its `loader_cpus`: dedicated to the loader when that leaves the rank at least
+    three quarters of its cores, shared with compute otherwise (0: the loader shares the whole
     compute set). `explicit_cores` ("0-27;28-55") overrides the automatic split. `threads` > 0
     overrides the torch thread count. Raises ValueError for requests that cannot be met.
     """
@@ -815,3 +822,25 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def node_cpus(placement: RankPlacement, *, sysfs_root: str = "/sys", use_smt: bool = False):
+    """The allowed CPUs of `placement`'s NUMA nodes (one per physical core unless `use_smt`):
+    where rank 0 runs its final compile and benchmark once the other ranks are done. Call it
+    before `apply()` narrows the allowed set."""
+    topo = discover(sysfs_root)
+    allowed = os.sched_getaffinity(0)
+    return sorted(
+        cpu.id
+        for cpu in topo.cpus.values()
+        if cpu.id in allowed and cpu.node in placement.nodes and (use_smt or cpu.core == cpu.id)
+    )
+
+
+def widen(cpus: list[int]) -> None:
+    """Re-pin every thread of this process to `cpus` and use one torch thread per CPU."""
+    import torch
+
+    _pin_all_threads(cpus)
+    torch.set_num_threads(len(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(len(cpus))

@@ -74,7 +74,8 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 def place_this_rank(cfg: RuntimeConfig, env: DistEnv) -> dict:
     """Pin this rank to its share of the node (or, with pinning off, only set its thread count).
     Runs before the process group starts so gloo's threads and memory land on the rank's node.
-    Returns what `topology.apply` recorded."""
+    Returns what `topology.apply` recorded, plus `node_cpus`: the cores of the rank's NUMA
+    node(s), where rank 0 runs the final compile and benchmark."""
     placement = topology.local_placement(
         env.local_rank,
         env.local_world_size,
@@ -83,7 +84,8 @@ def place_this_rank(cfg: RuntimeConfig, env: DistEnv) -> dict:
         explicit_cores=cfg.cores,
         threads=cfg.threads,
     )
-    return topology.apply(placement, pin=cfg.pinning == "auto")
+    node_cpus = topology.node_cpus(placement, use_smt=cfg.use_smt)
+    return {**topology.apply(placement, pin=cfg.pinning == "auto"), "node_cpus": node_cpus}
 
 
 class Trainer:
@@ -369,8 +371,11 @@ class Trainer:
             "global_batch_size": global_batch,
             "steps": self.step,
             "epochs": cfg.train.epochs,
+            # Steps trained by this process: a resumed run timed only those.
             "train_images_per_s": (
-                self.step * global_batch / self.train_seconds if self.train_seconds else 0.0
+                (self.step - (self.resumed_from_step or 0)) * global_batch / self.train_seconds
+                if self.train_seconds
+                else 0.0
             ),
             "fp32_fake_quant_top1": fq_top1,
             "observer_sync_max_divergence_before": final_sync.max_divergence_before,
@@ -387,7 +392,13 @@ class Trainer:
         }
         if not self.env.is_rank0:
             return None
-        self.monitor.info("converting to int8, compiling and measuring (rank 0)")
+        if self.placement["pinning"] == "on" and self.placement["node_cpus"]:
+            # The other ranks are done: rank 0 takes its whole node for compile and benchmark.
+            topology.widen(self.placement["node_cpus"])
+        self.monitor.info(
+            f"converting to int8, compiling and measuring (rank 0, {torch.get_num_threads()} "
+            "threads)"
+        )
         r = cfg.runtime
         # finalize writes report.json; the AOTInductor package (about a minute to build for
         # resnet18 on 2 cores) is left to scripts/export_final.py, which runs this same step.

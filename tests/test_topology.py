@@ -187,9 +187,11 @@ def test_loader_cores_come_from_the_rank_own_set(tmp_path):
         # Two whole physical cores, siblings included, taken from the end of the rank's set.
         assert len({topo.cpus[c].core for c in p.loader_cpus}) == 2
         assert min(p.loader_cpus) > max(c for c in p.cpus if c < 56)
-    # Asking for more loader cores than a rank has keeps one compute core.
+    # A small rank keeps every core for compute; its loader shares the last ones.
     (p,) = plan(topo, 1, allowed_cpus={0, 1, 2}, loader_cores=8)
-    assert p.cpus == [0] and p.loader_cpus == [1, 2]
+    assert p.cpus == [0, 1, 2] and p.loader_cpus == [0, 1, 2]
+    (p,) = plan(topo, 1, allowed_cpus={0, 1}, loader_cores=1)
+    assert p.cpus == [0, 1] and p.threads == 2 and p.loader_cpus == [1]
 
 
 def test_no_node_dir_falls_back_to_one_node(tmp_path):

@@ -1,0 +1,219 @@
+"""qatdist benchmark: every figure is a ratio of two timings measured side by side in one run.
+
+  python scripts/bench.py                      # full run (several minutes of compiles)
+  python scripts/bench.py --quick --json bench.json
+
+Figures: QAT train step vs fp32 eager step, DDP 2x1 vs 1x2 throughput, int8 vs fp32 compiled
+inference, data-loader wait fraction, qatdist's final int8 model vs the hand-written PT2E flow.
+Absolute timings depend on what else runs on the machine; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torchvision
+
+from qatdist import bench
+
+QAT_MODELS = ["resnet18", "mobilenet_v3_large"]
+INT8_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and iteration counts of one benchmark run."""
+
+    qat_models: list[str]
+    int8_models: list[str]
+    image_size: int  # single-process figures (the DDP figure is always 32x32)
+    step_warmup: int
+    step_iters: int
+    ddp_rounds: int
+    ddp_steps: int
+    latency_iters: int
+    data_steps: int
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Measure qatdist's benchmark figures, each as a ratio of two timings taken "
+        "side by side (interleaved) in this run, and compare them with the project's targets.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="Reduced run (about 3 minutes on a quiet 2-core machine): resnet18 only, 32x32 "
+        "inputs for the synthetic-data figures, fewer iterations. Still writes every JSON key.",
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="Also write the figures to PATH as JSON (keys: " + ", ".join(bench.JSON_KEYS) + ").",
+    )
+    parser.add_argument(
+        "--models",
+        metavar="LIST",
+        help="Comma-separated torchvision model names for the per-model figures "
+        "(qat_step_ratio, int8_speedup); default: the figures' own lists "
+        f"({','.join(QAT_MODELS)} and {','.join(INT8_MODELS)}), resnet18 with --quick. "
+        "The DDP, data and hand-flow figures always use resnet18.",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        metavar="N",
+        help="Torch threads of the single-process figures, and the rank count of the DDP "
+        "figure (N ranks x 1 thread vs 1 rank x N threads; needs N usable CPUs). Default 2.",
+    )
+    return parser
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    if args.quick:
+        plan = Plan(["resnet18"], ["resnet18"], 32, 2, 5, 2, 5, 10, 15)
+    else:
+        plan = Plan(QAT_MODELS, INT8_MODELS, 64, 3, 10, 3, 10, 30, 30)
+    if args.models:
+        names = [m.strip() for m in args.models.split(",") if m.strip()]
+        plan = replace(plan, qat_models=names, int8_models=names)
+    return plan
+
+
+def _section(title: str) -> None:
+    print(f"\n## {title}", flush=True)
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def run(plan: Plan, threads: int, quick: bool) -> dict:
+    """Measure every figure; print each as it completes. Returns the JSON-contract dict."""
+    results: dict = {}
+
+    _section("qat_step_ratio: QAT train step / fp32 eager train step (SGD, interleaved)")
+    results["qat_step_ratio"] = {}
+    for name in plan.qat_models:
+        r = bench.qat_step_ratio(
+            name,
+            image_size=plan.image_size,
+            threads=threads,
+            warmup=plan.step_warmup,
+            iters=plan.step_iters,
+        )
+        results["qat_step_ratio"][name] = r["ratio"]
+        print(
+            f"{name}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} steps "
+            f"each: QAT {r['qat_ms']:.1f} ms, fp32 {r['fp32_ms']:.1f} ms -> {r['ratio']:.3f}",
+            flush=True,
+        )
+
+    _section("ddp_scaling_ratio: throughput N ranks x 1 thread / 1 rank x N threads (gloo)")
+    r = bench.ddp_scaling_ratio(
+        ranks=threads,
+        rounds=plan.ddp_rounds,
+        warmup=plan.step_warmup,
+        steps=plan.ddp_steps,
+    )
+    results["ddp_scaling_ratio"] = r["ratio"]
+    print(
+        f"{r['model']} QAT, global batch {_shape(r['shape'])}, {r['rounds']} rounds x "
+        f"{r['steps']} steps\n  {r['multi']}: {r['multi_images_per_s']:.1f} img/s "
+        f"(rounds {', '.join(f'{v:.1f}' for v in r['multi_each'])})\n  {r['single']}: "
+        f"{r['single_images_per_s']:.1f} img/s "
+        f"(rounds {', '.join(f'{v:.1f}' for v in r['single_each'])})\n  -> {r['ratio']:.3f}",
+        flush=True,
+    )
+
+    _section("int8_speedup: fp32 compiled latency / int8 compiled latency (interleaved)")
+    results["int8_speedup"] = {}
+    for name in plan.int8_models:
+        r = bench.int8_speedup(
+            name, image_size=plan.image_size, threads=threads, iters=plan.latency_iters
+        )
+        results["int8_speedup"][name] = r["ratio"]
+        print(
+            f"{name}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} iters: "
+            f"fp32 {r['fp32_ms']:.2f} ms, int8 {r['int8_ms']:.2f} ms -> {r['ratio']:.3f} "
+            f"(compile int8 {r['compile_s']['int8']:.0f} s, fp32 {r['compile_s']['fp32']:.0f} s)",
+            flush=True,
+        )
+    results["int8_speedup_geomean"] = bench.geomean(list(results["int8_speedup"].values()))
+    print(
+        f"geomean over {len(results['int8_speedup'])} model(s): "
+        f"{results['int8_speedup_geomean']:.3f}"
+    )
+
+    _section("data_wait_fraction: time blocked on the next batch / step time (demo config)")
+    r = bench.data_wait_fraction(steps=plan.data_steps)
+    results["data_wait_fraction"] = r["fraction"]
+    print(
+        f"{r['model']} QAT on demo shards, batch {_shape(r['shape'])}, data.num_workers "
+        f"{r['num_workers']}, trainer placement: compute CPUs {r['cpus']} ({r['threads']} "
+        f"thread(s)), loader CPUs {r['loader_cpus']}; {r['steps']} steps: waited "
+        f"{r['wait_s']:.3f} s, computed {r['step_s']:.2f} s -> {r['fraction']:.4f}",
+        flush=True,
+    )
+
+    _section("final_model_vs_hand_flow: qatdist int8 latency / hand-written flow's (same weights)")
+    r = bench.final_model_vs_hand_flow(
+        image_size=plan.image_size, threads=threads, iters=plan.latency_iters
+    )
+    results["final_model_vs_hand_flow"] = r["ratio"]
+    print(
+        f"{r['model']}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} iters: "
+        f"qatdist {r['qatdist_ms']:.2f} ms, hand flow {r['hand_ms']:.2f} ms -> {r['ratio']:.3f} "
+        f"(top-1 agreement {r['top1_agreement']:.3f}; compile qatdist "
+        f"{r['compile_s']['qatdist']:.0f} s, hand {r['compile_s']['hand']:.0f} s)",
+        flush=True,
+    )
+    if quick:
+        print("\n(--quick: resnet18 only, 32x32 synthetic inputs, fewer iterations)")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads < 1:
+        print("bench.py: --threads must be >= 1", file=sys.stderr)
+        return 2
+    plan = make_plan(args)
+    known = set(torchvision.models.list_models(module=torchvision.models))
+    unknown = sorted({m for m in plan.qat_models + plan.int8_models if ":" not in m} - known)
+    if unknown:
+        print(f"bench.py: --models: unknown torchvision model(s) {unknown}", file=sys.stderr)
+        return 2
+    info = bench.machine_info()
+    print("# qatdist benchmark" + (" (--quick)" if args.quick else ""))
+    print(
+        f"machine: {info['cpu_model']} ({', '.join(info['cpu_flags']) or 'no AVX-512'}), "
+        f"{info['cores_usable']} usable of {info['cpu_count']} CPUs, load average "
+        f"{info['loadavg'][0]:.2f}\nversions: torch {info['torch']}, torchvision "
+        f"{info['torchvision']}, torchao {info['torchao']}, Python {info['python']}\n"
+        f"date: {info['date']}",
+        flush=True,
+    )
+    start = time.perf_counter()
+    results = run(plan, args.threads, args.quick)
+    elapsed = time.perf_counter() - start
+
+    expected = {"int8_speedup": plan.int8_models}
+    print("\n## Summary\n")
+    print(bench.markdown_table(bench.summary_rows(results, expected)))
+    end_load = bench.machine_info()["loadavg"][0]
+    print(f"\nwall time {elapsed:.0f} s; load average at the end {end_load:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""The benchmark's pieces on a tiny conv net with tiny settings: real measurements.
+
+Only the int8 figure compiles (once, on the tiny net); the hand-written flow is checked
+without compiling, through the eager converted models. Both convert, which is slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatdist import bench
+
+ROOT = Path(__file__).resolve().parent.parent
+# Spawned benchmark processes import the factory by name; pytest puts tests/ on sys.path and
+# spawn passes sys.path on, so "test_bench" resolves in the children too.
+TINY = f"{__name__}:tiny_net"
+
+
+def tiny_net(num_classes: int) -> torch.nn.Module:
+    """Conv-BN-ReLU twice (the second ReLU module called twice, as in ResNet), pool, linear."""
+    return _TinyNet(num_classes)
+
+
+class _TinyNet(torch.nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.relu(self.bn2(self.conv2(x)) + x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _positive_finite(value: float) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope="module")
+def figures() -> dict:
+    """The cheap figures run once with tiny settings; tests below read the results."""
+    return {
+        "qat_step_ratio": bench.qat_step_ratio(
+            TINY, image_size=16, batch_size=4, threads=1, warmup=1, iters=2
+        ),
+        "ddp_scaling_ratio": bench.ddp_scaling_ratio(
+            model_name=TINY, ranks=2, image_size=16, global_batch=8, rounds=1, warmup=1, steps=2
+        ),
+        "data_wait_fraction": bench.data_wait_fraction(
+            model_name=TINY, image_size=16, demo_per_class=2, shard_size=5, warmup=1, steps=3
+        ),
+    }
+
+
+def test_cheap_figures_are_positive_finite_ratios(figures):
+    assert _positive_finite(figures["qat_step_ratio"]["ratio"])
+    ddp = figures["ddp_scaling_ratio"]
+    assert _positive_finite(ddp["ratio"])
+    assert _positive_finite(ddp["multi_images_per_s"])
+    assert _positive_finite(ddp["single_images_per_s"])
+    assert 0 <= figures["data_wait_fraction"]["fraction"] < 1
+
+
+# convert_pt2e alone takes tens of seconds even on this tiny net (torchao 0.18): slow tests.
+@pytest.mark.slow
+def test_int8_speedup_compiles_and_measures_tiny_net():
+    result = bench.int8_speedup(
+        TINY, image_size=16, batch_size=4, threads=1, calib_batches=1, iters=2
+    )
+    assert _positive_finite(result["ratio"])
+
+
+@pytest.mark.slow
+def test_hand_flow_has_the_same_weights_and_predictions():
+    example = torch.randn(4, 3, 16, 16)
+    ours, hand = bench.same_weights_int8_pair(TINY, example, calib_batches=1)
+    ours_state, hand_state = ours.state_dict(), hand.state_dict()
+    assert ours_state.keys() == hand_state.keys()
+    assert all(torch.equal(ours_state[k], hand_state[k]) for k in ours_state)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(example), hand(example))
+
+
+def _load_script(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_writes_exactly_the_contract_keys(figures, monkeypatch, tmp_path, capsys):
+    """The script's plumbing: the cheap figures are the tiny measurements, the two compiled
+    ones stand-ins (they are tested above, marked slow)."""
+    data_fraction = figures["data_wait_fraction"]
+    monkeypatch.setattr(bench, "qat_step_ratio", lambda *a, **k: figures["qat_step_ratio"])
+    monkeypatch.setattr(bench, "ddp_scaling_ratio", lambda **k: figures["ddp_scaling_ratio"])
+    int8 = {
+        "model": TINY,
+        "shape": [4, 3, 16, 16],
+        "threads": 1,
+        "iters": 2,
+        "fp32_ms": 2.0,
+        "int8_ms": 1.0,
+        "compile_s": {"int8": 0.0, "fp32": 0.0},
+        "ratio": 2.0,
+    }
+    monkeypatch.setattr(bench, "int8_speedup", lambda *a, **k: int8)
+    monkeypatch.setattr(bench, "data_wait_fraction", lambda **k: data_fraction)
+    hand = {
+        "model": TINY,
+        "shape": [4, 3, 16, 16],
+        "threads": 1,
+        "iters": 2,
+        "qatdist_ms": 1.0,
+        "hand_ms": 1.0,
+        "compile_s": {"qatdist": 0.0, "hand": 0.0},
+        "top1_agreement": 1.0,
+        "ratio": 1.0,
+    }
+    monkeypatch.setattr(bench, "final_model_vs_hand_flow", lambda **k: hand)
+    out = tmp_path / "bench.json"
+    assert _load_script(monkeypatch).main(["--quick", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert tuple(results) == bench.JSON_KEYS
+    assert list(results["qat_step_ratio"]) == ["resnet18"]
+    assert list(results["int8_speedup"]) == ["resnet18"]
+    for key in ("ddp_scaling_ratio", "int8_speedup_geomean", "final_model_vs_hand_flow"):
+        assert _positive_finite(results[key])
+    assert 0 <= results["data_wait_fraction"] < 1
+    assert all(_positive_finite(v) for v in results["qat_step_ratio"].values())
+    assert all(_positive_finite(v) for v in results["int8_speedup"].values())
+    printed = capsys.readouterr().out
+    assert "| figure | measured | target |" in printed
+    assert "not measured" in printed  # --quick leaves mobilenet_v3_large's step ratio out
+
+
+def test_help_describes_every_flag(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        _load_script(monkeypatch).main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--quick", "--json", "--models", "--threads"):
+        assert flag in text

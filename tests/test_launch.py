@@ -1,0 +1,74 @@
+"""Placement applied in a real 2-rank run, and a 2-node run through torchrun's c10d rendezvous."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from conftest import ROOT, tiny_run_args
+
+from qatdist.topology import parse_cpulist
+
+
+def test_two_rank_run_pins_disjoint_cores(two_rank_run):
+    assert two_rank_run["result"].returncode == 0, two_rank_run["result"].stderr[-3000:]
+    records = json.loads((two_rank_run["out_dir"] / "topology.json").read_text())
+    assert [r["global_rank"] for r in records] == [0, 1]
+    cpus = [set(r["placement"]["cpus"]) for r in records]
+    assert cpus[0] and cpus[1] and not cpus[0] & cpus[1]
+    for record in records:
+        # What the kernel reports after pinning is exactly the plan.
+        assert set(parse_cpulist(record["kernel_cpus_allowed_list"])) == set(
+            record["placement"]["cpus"]
+        )
+        assert record["torch_threads"] == record["placement"]["threads"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_via_c10d_rendezvous(tiny_shards, tmp_path):
+    """Two torchrun agents on this machine act as two nodes of one job."""
+    endpoint = f"127.0.0.1:{_free_port()}"
+    out_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    agents = []
+    for node_rank, core in enumerate(sorted(os.sched_getaffinity(0))[:2]):
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={node_rank}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={endpoint}",
+            f"--rdzv_id=qatdist-test-{endpoint}",
+            "-m",
+            "qatdist.train",
+            *tiny_run_args(
+                tiny_shards,
+                out_dir,
+                "--runtime.compile_final=false",
+                f"--runtime.cores={core}",
+                "--train.eval_every_epochs=0",
+            ),
+        ]
+        log = open(tmp_path / f"agent{node_rank}.log", "w")
+        agents.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log), log))
+    try:
+        codes = [agent.wait(timeout=600) for agent, _ in agents]
+    finally:
+        for agent, log in agents:
+            agent.kill()
+            log.close()
+    logs = [(tmp_path / f"agent{i}.log").read_text()[-3000:] for i in range(2)]
+    assert codes == [0, 0], logs
+    report = json.loads((out_dir / "final" / "report.json").read_text())
+    assert report["world_size"] == 2
+    assert len(report["rank_state_sha256"]) == 2
+    assert report["rank_state_sha256"][0] == report["rank_state_sha256"][1]
