@@ -153,6 +153,8 @@ def _field_types(cls) -> dict[str, object]:
 
 def _coerce(key: str, value, expected):
     """Return `value` as `expected` (int, float, str, bool, list[...]) or raise ConfigError."""
+    if isinstance(value, CliValue):
+        value = str(value) if expected is str else value.parse()
     origin = typing.get_origin(expected)
     if origin in (list, types.GenericAlias) or expected is list:
         (item_type,) = typing.get_args(expected)
@@ -176,12 +178,16 @@ def _coerce(key: str, value, expected):
     raise ConfigError(f"{key}: expected {expected.__name__}, got {value!r}")
 
 
-def _parse_cli_value(raw: str):
-    """A CLI value is read as a TOML literal when it is one (1, 0.1, true, ['a']), else a string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
+class CliValue(str):
+    """A value typed on the command line, read according to the key's type when coerced: as
+    is for string keys (`--runtime.cores=0` is the string "0"), as a TOML literal otherwise
+    (`--train.lr=0.1`, `--data.allow_pipe=true`, `--quant.fp32_module_names=['fc']`)."""
+
+    def parse(self):
+        try:
+            return tomllib.loads(f"v = {self}")["v"]
+        except tomllib.TOMLDecodeError:
+            return str(self)
 
 
 def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, dict]]:
@@ -205,7 +211,7 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, dict]]:
             section, dot, key = name.partition(".")
             if not dot or not key:
                 raise ConfigError(f"--{name}: expected --section.key=value")
-            overrides.setdefault(section, {})[key] = _parse_cli_value(value)
+            overrides.setdefault(section, {})[key] = CliValue(value)
         i += 1
     return config_path, overrides
 

@@ -130,7 +130,6 @@ class Trainer:
         self.step = 0
         self.phase = schedule.phase_at(0, cfg.quant)
         schedule.apply_phase(self.model, self.phase)
-        self.last_sync: SyncStats | None = None
         self.sync_seconds = 0.0
         self.train_seconds = 0.0
         self.last_correct = 0  # top-1 correct count of the last train batch (for the monitor)
@@ -309,7 +308,6 @@ class Trainer:
         """Make observer, fake-quant and BatchNorm statistics identical on every rank."""
         stats = sync_quant_stats(self.model)
         self.sync_seconds += stats.seconds
-        self.last_sync = stats
         self.monitor.on_sync(stats.seconds, self.step, self.model)
         return stats
 

@@ -34,7 +34,7 @@ def test_precedence_cli_over_file_over_defaults(tmp_path, shards):
     assert cfg.train.epochs == config.TrainConfig().epochs  # default
 
 
-def test_cli_parsing(tmp_path):
+def test_cli_values_follow_the_key_type(tmp_path, shards):
     path, overrides = config.parse_overrides(
         [
             "--config",
@@ -44,15 +44,17 @@ def test_cli_parsing(tmp_path):
             "resnet50",
             "--quant.fp32_module_names=['conv1','fc']",
             "--data.allow_pipe=true",
+            "--runtime.cores=0",
         ]
     )
     assert path == "x.toml"
-    assert overrides == {
-        "train": {"lr": 0.5},
-        "model": {"name": "resnet50"},
-        "quant": {"fp32_module_names": ["conv1", "fc"]},
-        "data": {"allow_pipe": True},
-    }
+    overrides["data"].update(shards)
+    cfg = config.load(write(tmp_path, ""), overrides)
+    assert cfg.train.lr == 0.5
+    assert cfg.model.name == "resnet50"
+    assert cfg.quant.fp32_module_names == ["conv1", "fc"]
+    assert cfg.data.allow_pipe is True
+    assert cfg.runtime.cores == "0"  # a string key keeps the typed text
 
 
 @pytest.mark.parametrize(
