@@ -131,6 +131,7 @@ class Trainer:
         self.phase = schedule.phase_at(0, cfg.quant)
         schedule.apply_phase(self.model, self.phase)
         self.sync_seconds = 0.0
+        self.first_sync_since_step: tuple[int, SyncStats] | None = None
         self.train_seconds = 0.0
         self.last_correct = 0  # top-1 correct count of the last train batch (for the monitor)
         self.history: list[dict] = []
@@ -307,6 +308,10 @@ class Trainer:
     def sync(self) -> SyncStats:
         """Make observer, fake-quant and BatchNorm statistics identical on every rank."""
         stats = sync_quant_stats(self.model)
+        if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
+            # Later syncs at the same step (evaluation, checkpoint) find nothing to do; the
+            # report's divergence comes from the first one after training stopped.
+            self.first_sync_since_step = (self.step, stats)
         self.sync_seconds += stats.seconds
         self.monitor.on_sync(stats.seconds, self.step, self.model)
         return stats
@@ -352,7 +357,9 @@ class Trainer:
         """Final sync and evaluation on all ranks; rank 0 converts, compiles, measures and
         writes `final/`. Returns the report on rank 0, None elsewhere."""
         cfg = self.cfg
-        final_sync = self.sync()
+        if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
+            self.sync()
+        final_sync = self.first_sync_since_step[1]
         batch_size = cfg.runtime.latency_batch_size
         with preserved_rng():
             schedule.to_eval(self.model)

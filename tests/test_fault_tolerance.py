@@ -510,3 +510,15 @@ def test_malicious_checkpoint_is_refused_and_never_runs(reference, tiny_shards, 
     assert f"{folder / 'model.pt'}: refused" in job.stderr
     assert not marker.exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluating_every_epoch_leaves_training_unchanged(reference, tiny_shards, tmp_path):
+    """Evaluation (fake-quant and int8 top-1, split across ranks) pauses observers and restores
+    RNG states: a run that evaluates every epoch ends with the uninterrupted run's weights."""
+    out_dir = tmp_path / "run"
+    job = run_job(run_args(tiny_shards, out_dir, "--train.eval_every_epochs=1"), tmp_path / "logs")
+    assert job.proc.returncode == 0, job.output()
+    report = report_of(out_dir)
+    assert [entry["epoch"] for entry in report["eval_history"]] == [0, 1, 2]
+    assert all(0 <= entry["int8_top1"] <= 1 for entry in report["eval_history"])
+    assert report["final_state_sha256"] == reference["final_state_sha256"]

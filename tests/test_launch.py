@@ -56,6 +56,8 @@ def test_two_nodes_via_c10d_rendezvous(tiny_shards, tmp_path):
                 "--runtime.compile_final=false",
                 f"--runtime.cores={core}",
                 "--train.eval_every_epochs=0",
+                "--quant.observer_freeze_step=-1",
+                "--quant.bn_freeze_step=-1",
             ),
         ]
         log = open(tmp_path / f"agent{node_rank}.log", "w")
@@ -72,3 +74,7 @@ def test_two_nodes_via_c10d_rendezvous(tiny_shards, tmp_path):
     assert report["world_size"] == 2
     assert len(report["rank_state_sha256"]) == 2
     assert report["rank_state_sha256"][0] == report["rank_state_sha256"][1]
+    # Nothing frozen: the ranks' statistics drift apart between syncs, and the final sync
+    # (the first after the last step) brings them back together exactly.
+    assert report["observer_sync_max_divergence_before"] > 0
+    assert report["observer_sync_max_divergence_after"] == 0
