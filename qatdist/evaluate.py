@@ -29,6 +29,14 @@ def preserved_rng():
         random.setstate(python_state)
 
 
+def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """`images` zero-padded to `size` samples (a model compiled for one static batch size is
+    then never recompiled); callers drop the padded outputs."""
+    if images.shape[0] >= size:
+        return images
+    return torch.cat([images, images.new_zeros((size - images.shape[0], *images.shape[1:]))])
+
+
 def count_correct(
     forward: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterable,
@@ -46,9 +54,8 @@ def count_correct(
             n = images.shape[0]
             if n == 0:
                 continue
-            if pad_to is not None and n < pad_to:
-                pad = images.new_zeros((pad_to - n, *images.shape[1:]))
-                images = torch.cat([images, pad])
+            if pad_to is not None:
+                images = pad_batch(images, pad_to)
             logits = forward(images)[:n]
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += n

@@ -34,7 +34,7 @@ from torch._inductor.utils import run_and_get_code
 from torch.export import Dim
 
 from qatdist import report as report_views
-from qatdist.evaluate import side_by_side_latency_ms
+from qatdist.evaluate import pad_batch, side_by_side_latency_ms
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
 
 log = logging.getLogger(__name__)
@@ -168,9 +168,7 @@ def _compare_on_val(
             n = images.shape[0]
             if n == 0:
                 continue
-            padded = images
-            if n < pad_to:
-                padded = torch.cat([images, images.new_zeros((pad_to - n, *images.shape[1:]))])
+            padded = pad_batch(images, pad_to)
             ref_logits = reference(padded)[:n]
             ref_top = ref_logits.argmax(dim=1)
             correct["reference"] += int((ref_top == labels).sum())
