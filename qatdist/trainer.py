@@ -234,7 +234,7 @@ class Trainer:
     def _worker_init(self):
         if self.loader_cpus is None:
             return None
-        return functools.partial(_pin_worker, cpus=tuple(self.loader_cpus))
+        return functools.partial(topology.pin_loader_worker, list(self.loader_cpus))
 
     # --- the loop -------------------------------------------------------------------------
 
@@ -436,7 +436,3 @@ def _observing_off(phase: schedule.QatPhase) -> schedule.QatPhase:
     return schedule.QatPhase(
         fake_quant_on=phase.fake_quant_on, observers_frozen=True, bn_frozen=phase.bn_frozen
     )
-
-
-def _pin_worker(worker_id: int, cpus: tuple[int, ...]) -> None:
-    topology.pin_loader_worker(list(cpus))
