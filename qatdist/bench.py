@@ -48,6 +48,9 @@ JSON_KEYS = (
     "data_wait_fraction",
     "final_model_vs_hand_flow",
 )
+# Written after the contract keys: the same measurements with a lever switched, for reference
+# (QAT with torchao's own fake-quant op; DDP with runtime.grad_compression = "bf16").
+REFERENCE_KEYS = ("qat_step_ratio_torchao_op", "ddp_scaling_ratio_bf16_grads")
 
 
 def machine_info() -> dict:
@@ -83,11 +86,15 @@ def _seeded_model(name: str, seed: int) -> torch.nn.Module:
     return build_model(ModelConfig(name=name), NUM_CLASSES)
 
 
-def _prepared_qat(name: str, seed: int, image_size: int) -> torch.nn.Module:
+def _prepared_qat(
+    name: str, seed: int, image_size: int, fast_fake_quant: bool = True
+) -> torch.nn.Module:
     """qatdist's QAT model: capture (dynamic batch) + prepare_qat, in the default schedule's
-    phase at step 0: fake quant on, observers on, BatchNorm not frozen."""
+    phase at step 0: fake quant on, observers on, BatchNorm not frozen. `fast_fake_quant=False`
+    keeps torchao's fake-quant op (the reference the fast kernels are measured against)."""
     fp32 = _seeded_model(name, seed)
-    model = prepare_qat(capture(fp32, torch.randn(2, 3, image_size, image_size)), QuantConfig())
+    example = torch.randn(2, 3, image_size, image_size)
+    model = prepare_qat(capture(fp32, example), QuantConfig(fast_fake_quant=fast_fake_quant))
     schedule.apply_phase(model, schedule.phase_at(0, QuantConfig()))
     return model
 
@@ -130,7 +137,12 @@ def qat_step_ratio(
     torch.set_num_threads(threads)
     fp32 = _seeded_model(model_name, seed).train()
     qat = _prepared_qat(model_name, seed, image_size)
-    steps = {"fp32": _train_step_fn(fp32), "qat": _train_step_fn(qat)}
+    torchao_op = _prepared_qat(model_name, seed, image_size, fast_fake_quant=False)
+    steps = {
+        "fp32": _train_step_fn(fp32),
+        "qat": _train_step_fn(qat),
+        "qat_torchao_op": _train_step_fn(torchao_op),
+    }
     images, labels = _batch(batch_size, image_size, seed)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(warmup + iters):
@@ -139,6 +151,7 @@ def qat_step_ratio(
             if i >= warmup:
                 times[name].append(elapsed * 1000)
     fp32_ms, qat_ms = statistics.median(times["fp32"]), statistics.median(times["qat"])
+    torchao_op_ms = statistics.median(times["qat_torchao_op"])
     return {
         "model": model_name,
         "shape": [batch_size, 3, image_size, image_size],
@@ -147,6 +160,8 @@ def qat_step_ratio(
         "qat_ms": qat_ms,
         "fp32_ms": fp32_ms,
         "ratio": qat_ms / fp32_ms,
+        "qat_torchao_op_ms": torchao_op_ms,
+        "ratio_torchao_op": torchao_op_ms / fp32_ms,
     }
 
 
@@ -163,6 +178,7 @@ def _ddp_worker(
     warmup: int,
     steps: int,
     seed: int,
+    grad_compression: str,
 ) -> None:
     """One DDP rank: pin, start gloo, train qatdist's prepared model on synthetic data."""
     os.sched_setaffinity(0, cpus[rank])
@@ -172,7 +188,7 @@ def _ddp_worker(
     )
     try:
         model = _prepared_qat(model_name, seed, image_size)
-        step = _train_step_fn(wrap_ddp(model))
+        step = _train_step_fn(wrap_ddp(model, grad_compression))
         images, labels = _batch(local_batch, image_size, seed + 1 + rank)
         for _ in range(warmup):
             step(images, labels)
@@ -194,13 +210,20 @@ def _ddp_worker(
         dist.destroy_process_group()
 
 
-def _ddp_run(world_size: int, threads: int, cpus: list[list[int]], local_batch: int, job) -> dict:
+def _ddp_run(
+    world_size: int,
+    threads: int,
+    cpus: list[list[int]],
+    local_batch: int,
+    job,
+    grad_compression: str = "none",
+) -> dict:
     """Spawn `world_size` ranks (rank r pinned to `cpus[r]`, `threads` threads each) for the
     model and step counts in `job`; returns rank 0's throughput record."""
     with tempfile.TemporaryDirectory(prefix="qatdist-bench-ddp-") as tmp:
         init_file, result_file = f"{tmp}/init", f"{tmp}/result.json"
         args = (world_size, init_file, result_file, cpus, threads, job.model_name)
-        args += (job.image_size, local_batch, job.warmup, job.steps, job.seed)
+        args += (job.image_size, local_batch, job.warmup, job.steps, job.seed, grad_compression)
         mp.spawn(_ddp_worker, args=args, nprocs=world_size, join=True)
         return json.loads(Path(result_file).read_text())
 
@@ -219,7 +242,8 @@ def ddp_scaling_ratio(
     """Training throughput of `ranks` ranks x 1 thread (each pinned to its own core) over 1 rank
     x `ranks` threads (pinned to the same cores), same global batch, qatdist's prepared model
     under `wrap_ddp` over gloo in real processes. The configurations alternate `rounds` times;
-    the median throughput of each is used."""
+    the median throughput of each is used. `ratio` is with the default fp32 gradient
+    all-reduce, `ratio_bf16_grads` with `runtime.grad_compression = "bf16"`."""
     allowed = sorted(os.sched_getaffinity(0))
     if len(allowed) < ranks:
         raise RuntimeError(f"ddp scaling needs {ranks} usable CPUs, this process has {allowed}")
@@ -229,12 +253,17 @@ def ddp_scaling_ratio(
     job = SimpleNamespace(
         model_name=model_name, image_size=image_size, warmup=warmup, steps=steps, seed=seed
     )
-    runs: dict[str, list[dict]] = {"multi": [], "single": []}
+    runs: dict[str, list[dict]] = {"multi": [], "multi_bf16": [], "single": []}
     for _ in range(rounds):
-        runs["multi"].append(_ddp_run(ranks, 1, [[c] for c in cores], global_batch // ranks, job))
+        one_core_each = [[c] for c in cores]
+        local_batch = global_batch // ranks
+        runs["multi"].append(_ddp_run(ranks, 1, one_core_each, local_batch, job))
+        runs["multi_bf16"].append(_ddp_run(ranks, 1, one_core_each, local_batch, job, "bf16"))
         runs["single"].append(_ddp_run(1, ranks, [cores], global_batch, job))
-    multi = statistics.median(r["images_per_s"] for r in runs["multi"])
-    single = statistics.median(r["images_per_s"] for r in runs["single"])
+    multi, multi_bf16, single = (
+        statistics.median(r["images_per_s"] for r in runs[name])
+        for name in ("multi", "multi_bf16", "single")
+    )
     return {
         "model": model_name,
         "shape": [global_batch, 3, image_size, image_size],
@@ -247,6 +276,8 @@ def ddp_scaling_ratio(
         "multi_each": [r["images_per_s"] for r in runs["multi"]],
         "single_each": [r["images_per_s"] for r in runs["single"]],
         "ratio": multi / single,
+        "multi_bf16_grads_images_per_s": multi_bf16,
+        "ratio_bf16_grads": multi_bf16 / single,
     }
 
 

@@ -79,6 +79,11 @@ class QuantConfig:
     fp32_module_types: list[str] = _f(
         [], "Module types kept in fp32, e.g. ['torch.nn.Linear'] (quantizer module-type config)."
     )
+    fast_fake_quant: bool = _f(
+        True,
+        "Run fake-quant modules with vectorized (Inductor) kernels, same results as torchao's "
+        "op (false: torchao's FusedMovingAvgObsFakeQuantize forward).",
+    )
 
 
 @dataclass
@@ -125,9 +130,15 @@ class RuntimeConfig:
     threads: int = _f(0, "Torch intra-op threads per rank (0: one per pinned core).")
     loader_cores: int = _f(1, "Cores of the rank's set given to its loader workers.")
     timeout_s: int = _f(300, "Collective timeout in seconds: a hung rank ends the job.")
+    grad_compression: str = _f(
+        "none", "Gradient all-reduce dtype: 'none' (fp32), 'bf16' or 'fp16' (a DDP comm hook)."
+    )
     latency_batch_size: int = _f(32, "Batch size of the final int8/fp32 latency comparison.")
     latency_iters: int = _f(20, "Timed iterations of the final latency comparison.")
     compile_final: bool = _f(True, "Compile the final int8 model with Inductor (freezing).")
+
+
+GRAD_COMPRESSION = ("none", "bf16", "fp16")
 
 
 @dataclass
@@ -290,6 +301,7 @@ def validate(cfg: Config) -> None:
     _require(d.image_size >= 16, "data.image_size", "an integer >= 16", d.image_size)
     _require(d.num_classes >= 2, "data.num_classes", "an integer >= 2", d.num_classes)
     _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", d.shuffle_buffer)
     _require(d.on_error in ("raise", "skip"), "data.on_error", "'raise' or 'skip'", d.on_error)
     _require(
@@ -339,6 +351,12 @@ def validate(cfg: Config) -> None:
             c.resume_from,
         )
     _require(r.pinning in ("auto", "off"), "runtime.pinning", "'auto' or 'off'", r.pinning)
+    _require(
+        r.grad_compression in GRAD_COMPRESSION,
+        "runtime.grad_compression",
+        " or ".join(repr(name) for name in GRAD_COMPRESSION),
+        r.grad_compression,
+    )
     _require(r.threads >= 0, "runtime.threads", "an integer >= 0", r.threads)
     _require(r.loader_cores >= 0, "runtime.loader_cores", "an integer >= 0", r.loader_cores)
     _require(r.timeout_s >= 1, "runtime.timeout_s", "an integer >= 1", r.timeout_s)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -64,10 +65,22 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     )
 
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+_COMPRESSION_HOOKS = {
+    "bf16": default_hooks.bf16_compress_hook,
+    "fp16": default_hooks.fp16_compress_hook,
+}
+
+
+def wrap_ddp(model: torch.nn.Module, grad_compression: str = "none") -> DistributedDataParallel:
     """DDP without buffer broadcast: observer and BatchNorm statistics are synced explicitly
-    (qatdist.quant.sync), since broadcasting would make them rank 0's statistics only."""
-    return DistributedDataParallel(model, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    (qatdist.quant.sync), since broadcasting would make them rank 0's statistics only.
+
+    `grad_compression` 'bf16' / 'fp16' all-reduces gradients in that dtype (DDP's compress
+    hooks: half the bytes; the averaged gradient is cast back to fp32), 'none' in fp32."""
+    ddp = DistributedDataParallel(model, forward_sync_buffers=False, gradient_as_bucket_view=True)
+    if grad_compression != "none":
+        ddp.register_comm_hook(None, _COMPRESSION_HOOKS[grad_compression])
+    return ddp
 
 
 def barrier() -> None:

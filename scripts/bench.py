@@ -109,9 +109,12 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
             iters=plan.step_iters,
         )
         results["qat_step_ratio"][name] = r["ratio"]
+        results.setdefault("qat_step_ratio_torchao_op", {})[name] = r["ratio_torchao_op"]
         print(
             f"{name}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} steps "
-            f"each: QAT {r['qat_ms']:.1f} ms, fp32 {r['fp32_ms']:.1f} ms -> {r['ratio']:.3f}",
+            f"each: QAT {r['qat_ms']:.1f} ms, fp32 {r['fp32_ms']:.1f} ms -> {r['ratio']:.3f} "
+            f"(QAT with torchao's fake-quant op {r['qat_torchao_op_ms']:.1f} ms -> "
+            f"{r['ratio_torchao_op']:.3f})",
             flush=True,
         )
 
@@ -123,12 +126,15 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
         steps=plan.ddp_steps,
     )
     results["ddp_scaling_ratio"] = r["ratio"]
+    results["ddp_scaling_ratio_bf16_grads"] = r["ratio_bf16_grads"]
     print(
         f"{r['model']} QAT, global batch {_shape(r['shape'])}, {r['rounds']} rounds x "
         f"{r['steps']} steps\n  {r['multi']}: {r['multi_images_per_s']:.1f} img/s "
         f"(rounds {', '.join(f'{v:.1f}' for v in r['multi_each'])})\n  {r['single']}: "
         f"{r['single_images_per_s']:.1f} img/s "
-        f"(rounds {', '.join(f'{v:.1f}' for v in r['single_each'])})\n  -> {r['ratio']:.3f}",
+        f"(rounds {', '.join(f'{v:.1f}' for v in r['single_each'])})\n  -> {r['ratio']:.3f}"
+        f"\n  with runtime.grad_compression=bf16: {r['multi_bf16_grads_images_per_s']:.1f} "
+        f"img/s -> {r['ratio_bf16_grads']:.3f}",
         flush=True,
     )
 
@@ -176,7 +182,7 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
     )
     if quick:
         print("\n(--quick: resnet18 only, 32x32 synthetic inputs, fewer iterations)")
-    return results
+    return {key: results[key] for key in bench.JSON_KEYS + bench.REFERENCE_KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -134,7 +134,9 @@ def test_script_writes_exactly_the_contract_keys(figures, monkeypatch, tmp_path,
     out = tmp_path / "bench.json"
     assert _load_script(monkeypatch).main(["--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
-    assert tuple(results) == bench.JSON_KEYS
+    assert tuple(results) == bench.JSON_KEYS + bench.REFERENCE_KEYS
+    assert list(results["qat_step_ratio_torchao_op"]) == ["resnet18"]
+    assert _positive_finite(results["ddp_scaling_ratio_bf16_grads"])
     assert list(results["qat_step_ratio"]) == ["resnet18"]
     assert list(results["int8_speedup"]) == ["resnet18"]
     for key in ("ddp_scaling_ratio", "int8_speedup_geomean", "final_model_vs_hand_flow"):

@@ -68,6 +68,7 @@ def test_cli_values_follow_the_key_type(tmp_path, shards):
         ({"train": {"lr": True}}, "train.lr: expected float"),
         ({"data": {"on_error": "ignore"}}, "data.on_error"),
         ({"runtime": {"pinning": "yes"}}, "runtime.pinning"),
+        ({"runtime": {"grad_compression": "int8"}}, "runtime.grad_compression"),
         ({"optim": {"name": "lamb"}}, "optim.name"),
         ({"quant": {"fp32_module_names": "fc"}}, "quant.fp32_module_names"),
         ({"data": {"train_shards": "/nonexistent/shard-{0..3}.tar"}}, "data.train_shards"),

@@ -13,6 +13,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 
 from qatdist.config import ConfigError, QuantConfig
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.fast_fake_quant import use_fast_fake_quant
 
 
 def _resolve_type(dotted: str) -> type:
@@ -68,6 +69,10 @@ def build_quantizer(cfg: QuantConfig) -> X86InductorQuantizer:
 
 
 def prepare_qat(graph_module: torch.fx.GraphModule, cfg: QuantConfig) -> torch.fx.GraphModule:
-    """Insert fake-quant/observer modules for QAT into a captured graph module."""
+    """Insert fake-quant/observer modules for QAT into a captured graph module (with
+    vectorized kernels when `cfg.fast_fake_quant`)."""
     with only_present_conv_types():
-        return prepare_qat_pt2e(graph_module, build_quantizer(cfg))
+        prepared = prepare_qat_pt2e(graph_module, build_quantizer(cfg))
+    if cfg.fast_fake_quant:
+        use_fast_fake_quant(prepared)
+    return prepared

@@ -46,6 +46,8 @@ import torch.distributed as dist
 from torchao.quantization.pt2e import observer as ao_observer
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
+from qatdist.quant.fast_fake_quant import write_resized
+
 _MOVING_AVERAGE = (
     ao_observer.MovingAverageMinMaxObserver,
     ao_observer.MovingAveragePerChannelMinMaxObserver,
@@ -223,20 +225,14 @@ def _divergence(high: torch.Tensor, low: torch.Tensor, any_flag: torch.Tensor) -
     return float(spread.max())
 
 
-def _write(tensor: torch.Tensor, value: torch.Tensor) -> None:
-    if tensor.numel() != value.numel():
-        tensor.resize_(value.shape)
-    tensor.copy_(value.reshape(tensor.shape).to(tensor.dtype))
-
-
 def _recompute_qparams(plan: _Plan) -> None:
     for fake_quant, observer in plan.fake_quants:
         lo, hi = observer.min_val, observer.max_val
         if lo.numel() == 0 or not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
             continue  # not observed on any rank: keep the fake quant's qparams
         scale, zero_point = observer.calculate_qparams()
-        _write(fake_quant.scale, scale)
-        _write(fake_quant.zero_point, zero_point)
+        write_resized(fake_quant.scale, scale)
+        write_resized(fake_quant.zero_point, zero_point)
 
 
 @torch.no_grad()
@@ -311,7 +307,7 @@ def sync_quant_stats(model: torch.nn.Module, group=None) -> SyncStats:
             value = mean_of_vars + (mean_of_sq - mean * mean).clamp(min=0.0)
         else:
             continue  # qparams: recomputed below
-        _write(stat.tensor, value)
+        write_resized(stat.tensor, value)
     _recompute_qparams(plan)
 
     flat, flags = _pack(stats, slots)

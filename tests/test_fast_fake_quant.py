@@ -1,0 +1,194 @@
+"""qatdist's vectorized fake-quant forward against torchao's `FusedMovingAvgObsFakeQuantize`
+(the ATen op): same outputs, gradients and buffers, bit for bit, in every schedule phase."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
+from torchao.quantization.pt2e.observer import (
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+)
+
+from qatdist.config import QuantConfig
+from qatdist.quant import fast_fake_quant, schedule
+from qatdist.quant.capture import capture
+from qatdist.quant.convert import convert_to_int8
+from qatdist.quant.fast_fake_quant import FastFusedFakeQuantize, use_fast_fake_quant
+from qatdist.quant.prepare import prepare_qat
+
+
+def _activation_fake_quant() -> FusedMovingAvgObsFakeQuantize:
+    """What the x86 QAT config puts on activations: uint8, affine, per tensor."""
+    return FusedMovingAvgObsFakeQuantize(
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8
+    )
+
+
+def _weight_fake_quant() -> FusedMovingAvgObsFakeQuantize:
+    """What it puts on weights: int8, symmetric, per output channel."""
+    return FusedMovingAvgObsFakeQuantize(
+        observer=MovingAveragePerChannelMinMaxObserver,
+        quant_min=-128,
+        quant_max=127,
+        dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric,
+        ch_axis=0,
+    )
+
+
+def _pair(make):
+    reference = make()
+    fast = copy.deepcopy(reference)
+    assert use_fast_fake_quant(fast) == 1
+    assert type(fast) is FastFusedFakeQuantize
+    return reference, fast
+
+
+def _inputs(shape, step: int) -> torch.Tensor:
+    """Ranges that move between steps, with values outside the running range (clamped) and
+    exact ties (rounding)."""
+    gen = torch.Generator().manual_seed(step)
+    x = torch.randn(shape, generator=gen) * (1 + step) + 0.3 * step
+    x.view(-1)[:4] = torch.tensor([0.0, 0.5, -0.5, 2.5])
+    return x
+
+
+def _assert_same_step(reference, fast, x, qparams_set: bool = True):
+    """One forward + backward through each: outputs, input gradients and every buffer equal
+    (scale and zero point only once fake quant has run: the ATen op leaves them uninitialised
+    before)."""
+    x_ref = x.clone().requires_grad_(True)
+    x_fast = x.clone().requires_grad_(True)
+    out_ref, out_fast = reference(x_ref), fast(x_fast)
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out_fast.backward(grad)
+    assert torch.equal(out_ref, out_fast)
+    assert torch.equal(x_ref.grad, x_fast.grad)
+    ref_buffers, fast_buffers = dict(reference.named_buffers()), dict(fast.named_buffers())
+    assert ref_buffers.keys() == fast_buffers.keys()
+    for name, value in ref_buffers.items():
+        if name in ("scale", "zero_point") and not qparams_set:
+            assert value.shape == fast_buffers[name].shape
+            continue
+        assert torch.equal(value, fast_buffers[name]), name
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls of the compiled forward kernel (tensors below MIN_KERNEL_ELEMENTS use the
+    ATen op instead)."""
+    calls = []
+    kernel = fast_fake_quant._observe_and_fake_quant_kernel
+
+    def counting(*args):
+        calls.append(args[0].numel())
+        return kernel(*args)
+
+    monkeypatch.setattr(fast_fake_quant, "_observe_and_fake_quant_kernel", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "make, shape, uses_kernel",
+    [
+        (_activation_fake_quant, (8, 16, 16, 16), True),
+        (_weight_fake_quant, (128, 32, 3, 3), True),
+        (_activation_fake_quant, (4, 3, 8, 8), False),
+        (_weight_fake_quant, (6, 3, 3, 3), False),
+    ],
+    ids=["activation_kernel", "weight_kernel", "activation_small", "weight_small"],
+)
+def test_bitwise_equal_to_torchao_in_every_phase(make, shape, uses_kernel, kernel_calls):
+    assert (math.prod(shape) >= fast_fake_quant.MIN_KERNEL_ELEMENTS) == uses_kernel
+    reference, fast = _pair(make)
+    phases = [
+        (True, False),  # observing before fake quant starts
+        (True, True),  # observing and fake-quantizing
+        (True, True),
+        (False, True),  # observers frozen
+        (False, False),  # fake quant off again
+    ]
+    for step, (observe, fake_quant) in enumerate(phases):
+        for module in (reference, fast):
+            module.observer_enabled.fill_(int(observe))
+            module.fake_quant_enabled.fill_(int(fake_quant))
+        _assert_same_step(reference, fast, _inputs(shape, step), qparams_set=step > 0)
+    assert len(kernel_calls) == (3 if uses_kernel else 0)  # the fake-quant phases
+    # Gradients are zero exactly where values were clamped, and some were.
+    x = _inputs(shape, 7) * 20
+    x.requires_grad_(True)
+    fast.fake_quant_enabled.fill_(1)
+    fast(x).sum().backward()
+    assert (x.grad == 0).any() and (x.grad == 1).any()
+
+
+def test_linear_weights_and_degenerate_ranges_match(kernel_calls):
+    """2-D weights, an all-zero channel, a constant channel and a tiny-range channel go through
+    ATen's special cases (scale 0.1, the small-scale cut-off)."""
+    reference, fast = _pair(_weight_fake_quant)
+    w = torch.randn(5, fast_fake_quant.MIN_KERNEL_ELEMENTS // 4)
+    w[1] = 0.0
+    w[2] = 0.7
+    w[3] = torch.linspace(-1e-6, 1e-6, w.shape[1])
+    _assert_same_step(reference, fast, w)
+    _assert_same_step(reference, fast, w * 1.5)
+    assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("rows", [4, fast_fake_quant.MIN_KERNEL_ELEMENTS])
+def test_fake_quant_before_any_observation_is_an_error(rows):
+    _, fast = _pair(_weight_fake_quant)
+    fast.observer_enabled.fill_(0)
+    with pytest.raises(RuntimeError, match="never seen data"):
+        fast(torch.randn(rows, 3))
+
+
+class _ConvBnNet(nn.Module):
+    """Two conv-BN-ReLU blocks and a linear layer: large activations take the kernels, the
+    small weights and the classifier's input the ATen op."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv2, self.bn2 = nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_prepared_model_trains_and_converts_identically(kernel_calls):
+    """A prepared conv-BN model: the fast modules replace every fake quant, training steps
+    give bitwise the same weights and statistics as torchao's op, and convert_pt2e reads them."""
+    torch.manual_seed(0)
+    graph = capture(_ConvBnNet(), torch.randn(2, 3, 32, 32))
+    reference = prepare_qat(copy.deepcopy(graph), QuantConfig(fast_fake_quant=False))
+    fast = prepare_qat(graph, QuantConfig())
+    fake_quants = [m for m in fast.modules() if isinstance(m, FusedMovingAvgObsFakeQuantize)]
+    assert fake_quants and all(type(m) is FastFusedFakeQuantize for m in fake_quants)
+    assert not any(type(m) is FastFusedFakeQuantize for m in reference.modules())
+    for model in (reference, fast):
+        schedule.apply_phase(model, schedule.phase_at(0, QuantConfig()))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            images = torch.randn(16, 3, 32, 32, generator=gen)
+            labels = torch.randint(0, 4, (16,), generator=gen)
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+    assert kernel_calls  # the large activations went through the kernels
+    assert reference.state_dict().keys() == fast.state_dict().keys()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, fast.state_dict()[name]), name
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(convert_to_int8(reference)(images), convert_to_int8(fast)(images))

@@ -1,0 +1,49 @@
+"""`runtime.grad_compression`: gradients all-reduced in bf16 between 2 real gloo processes."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from qatdist.distributed import wrap_ddp
+
+WORLD = 2
+
+
+def _local_grad(rank: int) -> torch.Tensor:
+    """Rank `rank`'s gradient of the test model's weight on its own batch."""
+    torch.manual_seed(0)
+    model = nn.Linear(64, 8, bias=False)
+    inputs = torch.randn(16, 64, generator=torch.Generator().manual_seed(10 + rank))
+    model(inputs).square().sum().backward()
+    return model.weight.grad
+
+
+def _worker(rank: int, init_file: str, out_dir: str, compression: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(0)
+        model = nn.Linear(64, 8, bias=False)
+        ddp = wrap_ddp(model, compression)
+        inputs = torch.randn(16, 64, generator=torch.Generator().manual_seed(10 + rank))
+        ddp(inputs).square().sum().backward()
+        torch.save(model.weight.grad, f"{out_dir}/grad-{compression}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bf16_compression_averages_bf16_gradients(tmp_path):
+    for compression in ("none", "bf16"):
+        init_file = tmp_path / f"init-{compression}"
+        mp.spawn(_worker, args=(str(init_file), str(tmp_path), compression), nprocs=WORLD)
+    local = [_local_grad(rank) for rank in range(WORLD)]
+    fp32_mean = (local[0] + local[1]) / WORLD
+    # DDP's bf16 hook: each rank's gradient cast to bf16 and divided by the world size, summed
+    # in bf16, cast back.
+    bf16_mean = (local[0].bfloat16() / WORLD + local[1].bfloat16() / WORLD).float()
+    for rank in range(WORLD):
+        plain = torch.load(tmp_path / f"grad-none-{rank}.pt")
+        compressed = torch.load(tmp_path / f"grad-bf16-{rank}.pt")
+        torch.testing.assert_close(plain, fp32_mean)
+        assert torch.equal(compressed, bf16_mean)
+        assert not torch.equal(compressed, plain)  # it really went through bf16
