@@ -301,7 +301,6 @@ def validate(cfg: Config) -> None:
     _require(d.image_size >= 16, "data.image_size", "an integer >= 16", d.image_size)
     _require(d.num_classes >= 2, "data.num_classes", "an integer >= 2", d.num_classes)
     _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
-
     _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", d.shuffle_buffer)
     _require(d.on_error in ("raise", "skip"), "data.on_error", "'raise' or 'skip'", d.on_error)
     _require(

@@ -79,7 +79,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     if args.quick:
         plan = Plan(["resnet18"], ["resnet18"], 32, 2, 5, 2, 5, 10, 15)
     else:
-        plan = Plan(QAT_MODELS, INT8_MODELS, 64, 3, 10, 3, 10, 30, 30)
+        plan = Plan(QAT_MODELS, INT8_MODELS, 64, 3, 10, 5, 10, 30, 30)
     if args.models:
         names = [m.strip() for m in args.models.split(",") if m.strip()]
         plan = replace(plan, qat_models=names, int8_models=names)

@@ -2,7 +2,6 @@
 (the ATen op): same outputs, gradients and buffers, bit for bit, in every schedule phase."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -99,13 +98,19 @@ def kernel_calls(monkeypatch):
     [
         (_activation_fake_quant, (8, 16, 16, 16), True),
         (_weight_fake_quant, (128, 32, 3, 3), True),
+        (_weight_fake_quant, (fast_fake_quant.MIN_KERNEL_CHANNELS, 1, 3, 3), True),
         (_activation_fake_quant, (4, 3, 8, 8), False),
         (_weight_fake_quant, (6, 3, 3, 3), False),
     ],
-    ids=["activation_kernel", "weight_kernel", "activation_small", "weight_small"],
+    ids=[
+        "activation_kernel",
+        "weight_kernel",
+        "depthwise_kernel",
+        "activation_small",
+        "weight_small",
+    ],
 )
 def test_bitwise_equal_to_torchao_in_every_phase(make, shape, uses_kernel, kernel_calls):
-    assert (math.prod(shape) >= fast_fake_quant.MIN_KERNEL_ELEMENTS) == uses_kernel
     reference, fast = _pair(make)
     phases = [
         (True, False),  # observing before fake quant starts

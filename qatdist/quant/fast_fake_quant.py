@@ -19,7 +19,7 @@ forward and one per backward:
    the backward is the straight-through estimator, its mask recomputed from the input rather
    than stored (Inductor's CPU code writes bool tensors slowly).
 
-Tensors under `MIN_KERNEL_ELEMENTS` keep the ATen op, which is cheaper there. Kernels are
+Small tensors (see `MIN_KERNEL_ELEMENTS`) keep the ATen op, which is cheaper there. Kernels are
 compiled once per process and kind (per channel or not, observing or not) with dynamic shapes:
 a few seconds the first time, then from Inductor's on-disk cache.
 """
@@ -33,10 +33,13 @@ from torchao.quantization.pt2e.observer import (
     MovingAveragePerChannelMinMaxObserver,
 )
 
-# Below this many elements the ATen op is faster: a compiled kernel costs about 220 us per
-# forward + backward whatever the size (Dynamo's guards, the autograd Function), the ATen op
-# about 80 us + 5 ns per element (measured on this project's machine kind, 2 threads).
+# Where the ATen op is faster: a compiled kernel costs about 220 us per forward + backward
+# whatever the size (Dynamo's guards, the autograd Function), the ATen op about 80 us + 5 ns
+# per element + 1 us per channel for per-channel qparams (measured on this project's machine
+# kind, 2 threads). Kernels run from MIN_KERNEL_ELEMENTS elements, or MIN_KERNEL_CHANNELS
+# channels when per channel (mobilenet's depthwise weights: few elements, many channels).
 MIN_KERNEL_ELEMENTS = 32768
+MIN_KERNEL_CHANNELS = 192
 
 # ATen's quant_utils::SMALL_SCALE_THRESHOLD (the smallest normal fp16), as a float32 value.
 _SMALL_SCALE = torch.tensor(6.1e-5, dtype=torch.float32).item()
@@ -199,7 +202,7 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 f"{type(self).__name__}: fake quantization is enabled but the observer has "
                 "never seen data (enable the observer for at least one forward first)"
             )
-        if X.numel() < MIN_KERNEL_ELEMENTS:
+        if not self._kernels_pay_off(X):
             return super().forward(X)  # the ATen op: cheaper here, and the same result
         if observe and self.is_per_channel and observer.min_val.numel() != X.shape[0]:
             # First observation: the ATen op sizes the per-channel buffers the same way (it
@@ -224,6 +227,11 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                     observer.max_val.copy_(new_max)
             return X
         return _ObserveAndFakeQuantize.apply(X, self, observe)
+
+    def _kernels_pay_off(self, X: torch.Tensor) -> bool:
+        if X.numel() >= MIN_KERNEL_ELEMENTS:
+            return True
+        return self.is_per_channel and X.shape[0] >= MIN_KERNEL_CHANNELS
 
 
 def write_resized(buffer: torch.Tensor, value: torch.Tensor) -> None:
