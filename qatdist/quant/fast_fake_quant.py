@@ -196,8 +196,8 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         observer = self.activation_post_process
-        observe = bool(self.observer_enabled)
-        if not observe and bool(self.fake_quant_enabled) and observer.min_val.numel() == 0:
+        observe, fake_quant = bool(self.observer_enabled), bool(self.fake_quant_enabled)
+        if not observe and fake_quant and observer.min_val.numel() == 0:
             raise RuntimeError(
                 f"{type(self).__name__}: fake quantization is enabled but the observer has "
                 "never seen data (enable the observer for at least one forward first)"
@@ -212,19 +212,17 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
             observer.max_val.resize_(channels).fill_(float("-inf"))
             self.scale.resize_(channels).fill_(1.0)
             self.zero_point.resize_(channels).fill_(0)
-        if not bool(self.fake_quant_enabled):
+        if not fake_quant:
             if observe:
-                with torch.no_grad():
-                    flat = _flat(X, self.is_per_channel)
-                    new_min, new_max = _observe_kernel(
-                        flat,
-                        observer.min_val,
-                        observer.max_val,
-                        observer.averaging_constant,
-                        self.is_per_channel,
-                    )
-                    observer.min_val.copy_(new_min)
-                    observer.max_val.copy_(new_max)
+                new_min, new_max = _observe_kernel(
+                    _flat(X, self.is_per_channel),
+                    observer.min_val,
+                    observer.max_val,
+                    observer.averaging_constant,
+                    self.is_per_channel,
+                )
+                observer.min_val.copy_(new_min)
+                observer.max_val.copy_(new_max)
             return X
         return _ObserveAndFakeQuantize.apply(X, self, observe)
 
