@@ -63,6 +63,23 @@ class DataConfig:
     )
     demo_train_per_class: int = _f(400, "Demo generator: train images per class.")
     demo_val_per_class: int = _f(100, "Demo generator: validation images per class.")
+    hflip: float = _f(0.5, "Train transform: probability of a horizontal flip (0 = never).")
+    crop_scale: list[float] = _f(
+        [0.7, 1.0],
+        "Train transform: RandomResizedCrop area range as fractions of the image; "
+        "[1.0, 1.0] = resize only.",
+    )
+    mean: list[float] = _f(
+        [0.485, 0.456, 0.406], "Normalisation mean per RGB channel (train and evaluation)."
+    )
+    std: list[float] = _f(
+        [0.229, 0.224, 0.225], "Normalisation std per RGB channel (train and evaluation)."
+    )
+    transform: str = _f(
+        "",
+        "Optional 'package.module:function' building the train transform; see docs/data.md "
+        "('' = the built-in crop, flip and normalisation).",
+    )
 
 
 @dataclass
@@ -83,6 +100,22 @@ class QuantConfig:
         True,
         "Run fake-quant modules with vectorized (Inductor) kernels, same results as torchao's "
         "op (false: torchao's FusedMovingAvgObsFakeQuantize forward).",
+    )
+    ptq_calibration_batches: int = _f(
+        32,
+        "Train batches (split across ranks) that calibrate the post-training-quantization "
+        "baseline (0: no PTQ baseline).",
+    )
+    max_accuracy_drop: float = _f(
+        -1.0,
+        "Accuracy budget: largest fp32_top1 - int8_top1 accepted; above it layers are kept in "
+        "fp32 by sensitivity until it is met (-1: off).",
+    )
+    fallback_finetune_steps: int = _f(
+        0, "Accuracy budget: QAT steps after each layer moved to fp32 (0: none)."
+    )
+    sensitivity_candidates: int = _f(
+        8, "Accuracy budget: most-sensitive layers whose top-1 gain in fp32 is measured."
     )
 
 
@@ -106,6 +139,18 @@ class TrainConfig:
     seed: int = _f(0, "Seed for weights, augmentation and data order.")
     eval_every_epochs: int = _f(0, "Evaluate every N epochs during training (0: only at the end).")
     log_every_steps: int = _f(10, "Console progress interval in steps.")
+    on_nonfinite: str = _f(
+        "stop",
+        "Non-finite loss or gradient: 'stop' ends the run with an error; 'skip' skips the "
+        "optimizer step on every rank and counts it.",
+    )
+    max_nonfinite_steps: int = _f(
+        10, "With on_nonfinite='skip': consecutive skipped steps after which the run stops."
+    )
+    distill_weight: float = _f(
+        0.0, "Weight of the distillation loss from the frozen fp32 teacher (0: off)."
+    )
+    distill_temperature: float = _f(2.0, "Distillation softmax temperature.")
 
 
 @dataclass
@@ -136,6 +181,11 @@ class RuntimeConfig:
     latency_batch_size: int = _f(32, "Batch size of the final int8/fp32 latency comparison.")
     latency_iters: int = _f(20, "Timed iterations of the final latency comparison.")
     compile_final: bool = _f(True, "Compile the final int8 model with Inductor (freezing).")
+    require_full_quantization: bool = _f(
+        False,
+        "Fail the run when the compiled model holds fewer quantized convolutions/linears than "
+        "the quantizer annotated (default: report it and warn).",
+    )
 
 
 GRAD_COMPRESSION = ("none", "bf16", "fp16")
@@ -307,6 +357,21 @@ def validate(cfg: Config) -> None:
         d.demo_train_per_class >= 1, "data.demo_train_per_class", ">= 1", d.demo_train_per_class
     )
     _require(d.demo_val_per_class >= 1, "data.demo_val_per_class", ">= 1", d.demo_val_per_class)
+    _require(0 <= d.hflip <= 1, "data.hflip", "a probability in [0, 1]", d.hflip)
+    _require(
+        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        "data.crop_scale",
+        "[low, high] with 0 < low <= high <= 1",
+        d.crop_scale,
+    )
+    _require(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B)", d.mean)
+    _require(len(d.std) == 3 and all(v > 0 for v in d.std), "data.std", "3 positive numbers", d.std)
+    _require(
+        not d.transform or ":" in d.transform,
+        "data.transform",
+        "'' or 'package.module:function'",
+        d.transform,
+    )
     for key in ("train_shards", "val_shards"):
         pattern = getattr(d, key)
         _require(bool(pattern), f"data.{key}", "a shard pattern", pattern)
@@ -325,6 +390,14 @@ def validate(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "a positive number", t.lr)
     _require(t.eval_every_epochs >= 0, "train.eval_every_epochs", ">= 0", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(
+        t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite
+    )
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1", t.max_nonfinite_steps)
+    _require(
+        0 <= t.distill_weight <= 1, "train.distill_weight", "a number in [0, 1]", t.distill_weight
+    )
+    _require(t.distill_temperature > 0, "train.distill_temperature", "> 0", t.distill_temperature)
     _require(o.name in ("sgd", "adamw"), "optim.name", "'sgd' or 'adamw'", o.name)
     _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
@@ -339,6 +412,30 @@ def validate(cfg: Config) -> None:
     _require(q.bn_freeze_step >= -1, "quant.bn_freeze_step", ">= -1", q.bn_freeze_step)
     _require(
         q.sync_every_steps >= 1, "quant.sync_every_steps", "an integer >= 1", q.sync_every_steps
+    )
+    _require(
+        q.ptq_calibration_batches >= 0,
+        "quant.ptq_calibration_batches",
+        "an integer >= 0",
+        q.ptq_calibration_batches,
+    )
+    _require(
+        q.max_accuracy_drop == -1 or 0 <= q.max_accuracy_drop <= 1,
+        "quant.max_accuracy_drop",
+        "-1 (off) or a number in [0, 1]",
+        q.max_accuracy_drop,
+    )
+    _require(
+        q.fallback_finetune_steps >= 0,
+        "quant.fallback_finetune_steps",
+        ">= 0",
+        q.fallback_finetune_steps,
+    )
+    _require(
+        q.sensitivity_candidates >= 1,
+        "quant.sensitivity_candidates",
+        ">= 1",
+        q.sensitivity_candidates,
     )
     _require(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
