@@ -33,11 +33,11 @@ from qatdist.config import Config, ModelConfig, QuantConfig
 from qatdist.distributed import DistEnv, wrap_ddp
 from qatdist.evaluate import side_by_side_latency_ms
 from qatdist.models import build_model
-from qatdist.quant import schedule
-from qatdist.quant.capture import capture, make_call_sites_distinct
-from qatdist.quant.convert import compile_for_inference, convert_to_int8
-from qatdist.quant.prepare import prepare_qat
-from qatdist.trainer import Trainer, build_optimizer
+from qatdist.optim import build_optimizer
+from qatdist.quant import QatModel
+from qatdist.quant.capture import make_call_sites_distinct
+from qatdist.quant.convert import compile_for_inference
+from qatdist.step import train_step
 
 NUM_CLASSES = 10
 JSON_KEYS = (
@@ -86,17 +86,18 @@ def _seeded_model(name: str, seed: int) -> torch.nn.Module:
     return build_model(ModelConfig(name=name), NUM_CLASSES)
 
 
-def _prepared_qat(
-    name: str, seed: int, image_size: int, fast_fake_quant: bool = True
-) -> torch.nn.Module:
-    """qatdist's QAT model: capture (dynamic batch) + prepare_qat, in the default schedule's
-    phase at step 0: fake quant on, observers on, BatchNorm not frozen. `fast_fake_quant=False`
-    keeps torchao's fake-quant op (the reference the fast kernels are measured against)."""
-    fp32 = _seeded_model(name, seed)
-    example = torch.randn(2, 3, image_size, image_size)
-    model = prepare_qat(capture(fp32, example), QuantConfig(fast_fake_quant=fast_fake_quant))
-    schedule.apply_phase(model, schedule.phase_at(0, QuantConfig()))
-    return model
+def _qat_model(name: str, seed: int, image_size: int, fast_fake_quant: bool = True) -> QatModel:
+    """qatdist's QAT model (`QatModel.build`), in the default schedule's phase at step 0: fake
+    quant on, observers on, BatchNorm not frozen. `fast_fake_quant=False` keeps torchao's
+    fake-quant op (the reference the fast kernels are measured against)."""
+    quant_cfg = QuantConfig(fast_fake_quant=fast_fake_quant)
+    return QatModel.build(
+        ModelConfig(name=name),
+        quant_cfg,
+        num_classes=NUM_CLASSES,
+        image_size=image_size,
+        seed=seed,
+    )
 
 
 def _batch(batch_size: int, image_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +108,11 @@ def _batch(batch_size: int, image_size: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def _train_step_fn(model: torch.nn.Module):
-    """The trainer's own `Trainer.train_step` (forward, loss, backward, SGD step, LR step) bound
-    to `model`, so the benchmark times exactly the code a training run executes."""
-    cfg = Config()
-    optimizer = build_optimizer(model.parameters(), cfg)
+    """The trainer's own `train_step` (forward, loss, backward, SGD step, LR step) bound to
+    `model`, so the benchmark times exactly the code a training run executes."""
+    optimizer = build_optimizer(model.parameters(), Config())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    state = SimpleNamespace(ddp=model, optimizer=optimizer, scheduler=scheduler)
-    return functools.partial(Trainer.train_step, state)
+    return functools.partial(train_step, model, optimizer, scheduler)
 
 
 def _timed(fn, *args) -> float:
@@ -136,8 +135,8 @@ def qat_step_ratio(
     steps interleaved after warm-up, medians). Returns timings (ms) and the ratio."""
     torch.set_num_threads(threads)
     fp32 = _seeded_model(model_name, seed).train()
-    qat = _prepared_qat(model_name, seed, image_size)
-    torchao_op = _prepared_qat(model_name, seed, image_size, fast_fake_quant=False)
+    qat = _qat_model(model_name, seed, image_size).prepared
+    torchao_op = _qat_model(model_name, seed, image_size, fast_fake_quant=False).prepared
     steps = {
         "fp32": _train_step_fn(fp32),
         "qat": _train_step_fn(qat),
@@ -187,7 +186,7 @@ def _ddp_worker(
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        model = _prepared_qat(model_name, seed, image_size)
+        model = _qat_model(model_name, seed, image_size).prepared
         step = _train_step_fn(wrap_ddp(model, grad_compression))
         images, labels = _batch(local_batch, image_size, seed + 1 + rank)
         for _ in range(warmup):
@@ -315,9 +314,9 @@ def int8_speedup(
     seeded eager model in eval mode through compile_for_inference; interleaved medians."""
     torch.set_num_threads(threads)
     torch._dynamo.reset()
-    prepared = _prepared_qat(model_name, seed, image_size)
-    _calibrate(prepared, _calibration_batches(calib_batches, batch_size, image_size, seed))
-    int8 = convert_to_int8(prepared)
+    qat = _qat_model(model_name, seed, image_size)
+    _calibrate(qat.prepared, _calibration_batches(calib_batches, batch_size, image_size, seed))
+    int8 = qat.to_int8()
     fp32 = _seeded_model(model_name, seed).eval()
     example = _batch(batch_size, image_size, seed)[0]
     int8_c, int8_compile_s = _compile_and_warm(int8, example, compile_for_inference)
@@ -353,14 +352,13 @@ def _data_wait_worker(
     its loader core), pulling batches from `data.train_batches` with the trainer's worker
     pinning; times how long each `next()` blocks and each train step takes."""
     from qatdist import data, topology
-    from qatdist.trainer import place_this_rank
 
-    placement = place_this_rank(runtime_cfg, DistEnv(0, 1, 0, 1, 0))
-    loader_cpus = placement["placement"]["loader_cpus"]
+    placement = topology.place_this_rank(runtime_cfg, DistEnv(0, 1, 0, 1, 0))
+    loader_cpus = placement.placement.loader_cpus
     worker_init = None
-    if placement["pinning"] == "on":
+    if placement.pinning:
         worker_init = functools.partial(topology.pin_loader_worker, list(loader_cpus))
-    model = _prepared_qat(model_name, seed, data_cfg.image_size)
+    model = _qat_model(model_name, seed, data_cfg.image_size).prepared
     step = _train_step_fn(model)
     batches = data.train_batches(
         data_cfg,
@@ -389,9 +387,9 @@ def _data_wait_worker(
         {
             "wait_s": sum(waits),
             "step_s": sum(computes),
-            "cpus": placement["placement"]["cpus"],
+            "cpus": placement.placement.cpus,
             "loader_cpus": loader_cpus,
-            "threads": placement["torch_threads"],
+            "threads": placement.torch_threads,
         }
     )
 
@@ -496,11 +494,11 @@ def same_weights_int8_pair(
     from the same seeded model, qatdist's calibrated on seeded batches of `example`'s shape and
     its prepared state dict loaded (strictly) into the hand flow's before each converts."""
     batch_size, _, image_size, _ = example.shape
-    ours = _prepared_qat(model_name, seed, image_size)
-    _calibrate(ours, _calibration_batches(calib_batches, batch_size, image_size, seed))
+    ours = _qat_model(model_name, seed, image_size)
+    _calibrate(ours.prepared, _calibration_batches(calib_batches, batch_size, image_size, seed))
     hand = _hand_flow_prepare(_seeded_model(model_name, seed), example)
     hand.load_state_dict(ours.state_dict(), strict=True)
-    return convert_to_int8(ours), _hand_flow_finish(hand)
+    return ours.to_int8(), _hand_flow_finish(hand)
 
 
 def final_model_vs_hand_flow(

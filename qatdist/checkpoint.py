@@ -9,7 +9,8 @@ Layout under `<run.out_dir>/checkpoints/`:
         train_state.pt
         rng-rank<R>.pt      torch / numpy / python RNG states of rank R, one file per rank
         manifest.json       written last: step, world size, part names, sha256 of every file
-    .tmp-step-<N>-<pid>/    a write in progress (or a killed one): never read, removed at start
+    .tmp-step-<N>-<pid>/    a write in progress (or a killed one): never read; removed by
+                            `Checkpointer.remove_leftovers()`, which the trainer calls at start
 
 A folder is written under a temporary name in the same parent, every file flushed and fsynced,
 the manifest last, then renamed to `step-<N>` and the parent directory fsynced: a `step-<N>`
@@ -20,18 +21,17 @@ Every rank's RNG states are gathered to rank 0, which writes them all: nodes nee
 filesystem to save. Resuming does assume a shared filesystem (or the folder copied to every
 node): each rank reads the parts and its own `rng-rank<R>.pt` from the same folder.
 
-`latest()` returns the newest folder whose files all match the manifest's hashes; a corrupt or
-unreadable one is reported with a warning naming it and skipped, so a run resumes from the
-previous checkpoint rather than failing or loading damaged state.
+Reading lives in `qatdist.checkpoint_io` and is re-exported here: `find_complete(root,
+resume_from)` returns the requested folder or the newest one whose files all match the manifest's
+hashes (a corrupt or unreadable one is reported with a warning naming it and skipped, so a run
+resumes from the previous checkpoint rather than failing or loading damaged state);
+`read_checkpoint` and `read_model_state` load verified parts. None of them writes anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -42,15 +42,43 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qatdist.checkpoint_io import (
+    FORMAT,
+    MANIFEST,
+    TMP_PREFIX,
+    CheckpointError,
+    complete_folders,
+    find_complete,
+    fsync_dir,
+    latest,
+    read_checkpoint,
+    read_manifest,
+    read_model_state,
+    rng_file,
+    save_file,
+    step_folder,
+    verify,
+    write_synced,
+)
 from qatdist.config import CheckpointConfig
 from qatdist.distributed import all_gather_object, broadcast_object
+from qatdist.runfolder import RunFolder
 
-MANIFEST = "manifest.json"
-FORMAT = "qatdist-checkpoint/1"
-_STEP_DIR = re.compile(r"step-(\d+)")
+__all__ = [
+    "CheckpointError",
+    "Checkpointer",
+    "capture_rng_state",
+    "find_complete",
+    "latest",
+    "read_checkpoint",
+    "read_manifest",
+    "read_model_state",
+    "restore_rng_state",
+    "verify",
+]
+
 _PART_NAME = re.compile(r"[A-Za-z0-9_]+")
 _RESERVED_PARTS = {"rng", "manifest"}
-_TMP_PREFIX = ".tmp-"
 _PLAIN_LEAVES = (
     type(None),
     bool,
@@ -63,11 +91,6 @@ _PLAIN_LEAVES = (
     torch.device,
     torch.Size,
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written, or a checkpoint folder or file is missing, corrupt,
-    unsafe or from an incompatible run. The message names the folder or file."""
 
 
 def capture_rng_state() -> dict:
@@ -120,24 +143,37 @@ def restore_rng_state(state: dict) -> None:
 
 
 class Checkpointer:
-    """Saves and finds checkpoints of one run. Rank 0 writes; every rank can load.
+    """Saves checkpoints of one run. Rank 0 writes; every rank can load.
 
-    `out_dir` is the run directory (checkpoints go to `out_dir/checkpoints`). With
+    `out_dir` is the run directory (checkpoints go to its `checkpoints/`). With
     `world_size > 1`, `save` is a collective over the initialised process group; with
-    `world_size == 1` no process group is needed. Only one run may write into a run directory
-    at a time: rank 0 removes leftover temporary folders when constructed.
+    `world_size == 1` no process group is needed. Constructing one touches nothing on disk.
+    Only one run may write into a run directory at a time: its rank 0 calls
+    `remove_leftovers()` at start.
     """
 
     def __init__(self, out_dir: Path, cfg: CheckpointConfig, *, rank: int, world_size: int):
         if cfg.keep_last < 1:
             raise ValueError(f"checkpoint.keep_last: expected >= 1, got {cfg.keep_last}")
-        self.root = Path(out_dir) / "checkpoints"
+        self.root = RunFolder(out_dir).checkpoints
         self.cfg = cfg
         self.rank = rank
         self.world_size = world_size
-        if rank == 0 and self.root.is_dir():
-            for leftover in self.root.glob(_TMP_PREFIX + "*"):
+
+    def remove_leftovers(self) -> None:
+        """Delete temporary folders of killed writes and deletions (rank 0 only; a no-op on
+        other ranks). Call once at the start of the one run writing into this folder."""
+        if self.rank == 0 and self.root.is_dir():
+            for leftover in self.root.glob(TMP_PREFIX + "*"):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+    def latest(self) -> Path | None:
+        """The newest intact checkpoint of this run, or None (see `checkpoint_io.latest`)."""
+        return latest(self.root)
+
+    def load(self, folder: Path) -> dict[str, dict]:
+        """This rank's view of a checkpoint folder (see `read_checkpoint`)."""
+        return read_checkpoint(folder, rank=self.rank, world_size=self.world_size)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -170,10 +206,10 @@ class Checkpointer:
             raise ValueError(f"step must be >= 0, got {step}")
         for name, part in parts.items():
             _check_part(name, part)
-        final = self.root / f"step-{step}"
+        final = step_folder(self.root, step)
         if (final / MANIFEST).is_file():
             try:
-                _verify(final)
+                verify(final)
                 return final
             except CheckpointError as e:  # e.g. the corrupt newest one a resume skipped
                 warnings.warn(f"qatdist.checkpoint: replacing {final}: {e}", stacklevel=2)
@@ -181,15 +217,15 @@ class Checkpointer:
         if final.exists():  # incomplete, corrupt, or not written by this module
             self._remove(final)
 
-        tmp = self.root / f"{_TMP_PREFIX}step-{step}-{os.getpid()}"
+        tmp = self.root / f"{TMP_PREFIX}step-{step}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
         files = {}
         for name, part in parts.items():
-            files[f"{name}.pt"] = _save_file(part, tmp / f"{name}.pt")
+            files[f"{name}.pt"] = save_file(part, tmp / f"{name}.pt")
         for r, state in enumerate(rng_states):
-            files[f"rng-rank{r}.pt"] = _save_file(state, tmp / f"rng-rank{r}.pt")
+            files[rng_file(r)] = save_file(state, tmp / rng_file(r))
         manifest = {
             "format": FORMAT,
             "step": step,
@@ -198,29 +234,29 @@ class Checkpointer:
             "files": files,
             "torch_version": torch.__version__,
         }
-        _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        fsync_dir(tmp)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self._prune(keep=final)
         return final
 
     def _make_root(self) -> None:
         if not self.root.is_dir():
             self.root.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(self.root.parent)
+            fsync_dir(self.root.parent)
 
     def _remove(self, folder: Path) -> None:
         """Delete a folder by first renaming it to a temporary name: a deletion cut short
         leaves a folder that is cleaned up at the next start, not a half `step-<N>`."""
-        doomed = self.root / f"{_TMP_PREFIX}delete-{folder.name}-{os.getpid()}"
+        doomed = self.root / f"{TMP_PREFIX}delete-{folder.name}-{os.getpid()}"
         os.rename(folder, doomed)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def _prune(self, keep: Path) -> None:
         """Keep the newest `keep_last` complete folders, always including `keep`."""
-        complete = [f for _, f in self._complete_folders()]
+        complete = [f for _, f in complete_folders(self.root)]
         excess = len(complete) - self.cfg.keep_last
         for folder in complete:
             if excess <= 0:
@@ -228,77 +264,6 @@ class Checkpointer:
             if folder != keep:
                 self._remove(folder)
                 excess -= 1
-
-    # --- finding and reading --------------------------------------------------------------
-
-    def _complete_folders(self) -> list[tuple[int, Path]]:
-        """(step, folder) of every `step-<N>` folder with a manifest, oldest first."""
-        if not self.root.is_dir():
-            return []
-        found = []
-        for entry in self.root.iterdir():
-            match = _STEP_DIR.fullmatch(entry.name)
-            if match and (entry / MANIFEST).is_file():
-                found.append((int(match.group(1)), entry))
-        return sorted(found)
-
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint whose files match its manifest, or None. Corrupt or
-        unreadable ones are skipped with a warning naming them (falling back to older ones)."""
-        for _, folder in reversed(self._complete_folders()):
-            try:
-                _verify(folder)
-            except CheckpointError as e:
-                warnings.warn(
-                    f"qatdist.checkpoint: skipping checkpoint {folder}: {e}", stacklevel=2
-                )
-                continue
-            return folder
-        return None
-
-    def resolve_resume(self, resume_from: str) -> Path | None:
-        """The folder to resume from: `resume_from` when given (it must be a complete, valid
-        checkpoint, else CheckpointError), otherwise `latest()` (None: start fresh)."""
-        if not resume_from:
-            return self.latest()
-        folder = Path(resume_from)
-        _verify(folder)
-        return folder
-
-    def load(self, folder: Path) -> dict[str, dict]:
-        """Verify `folder` and load every part on the CPU with `weights_only=True`. Returns
-        {part name: state} plus "rng": this rank's RNG states (see `restore_rng_state`).
-        Raises CheckpointError naming the folder or file on any problem, including a checkpoint
-        written by a different number of ranks."""
-        folder = Path(folder)
-        manifest = _read_manifest(folder)
-        if manifest["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"{folder}: checkpoint written by {manifest['world_size']} ranks, this run has "
-                f"{self.world_size}; resuming with a different world size is not supported "
-                "(RNG states and data positions are per rank)"
-            )
-        wanted = {f"{p}.pt" for p in manifest["parts"]} | {_rng_file(self.rank)}
-        loaded = {}
-        for name, entry in manifest["files"].items():
-            if name in wanted:
-                loaded[name] = _load_file(folder / name, entry)
-            else:  # other ranks' RNG files: verified, not loaded
-                _read_checked(folder / name, entry)
-        result = {}
-        for part in manifest["parts"]:
-            state = loaded[f"{part}.pt"]
-            if part == "model" and not all(
-                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-            ):
-                raise CheckpointError(f"{folder / 'model.pt'}: not a dict of str -> Tensor")
-            result[part] = state
-        result["rng"] = loaded[_rng_file(self.rank)]
-        return result
-
-
-def _rng_file(rank: int) -> str:
-    return f"rng-rank{rank}.pt"
 
 
 def _check_part(name: str, part) -> None:
@@ -334,107 +299,3 @@ def _check_plain(obj, where: str) -> None:
         f"checkpoint value {where} is a {kind.__module__}.{kind.__qualname__}; only tensors, "
         "numbers, strings, bools, None, dtypes and dicts/lists/tuples/sets of them are stored"
     )
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _save_file(obj, path: Path) -> dict:
-    """torch.save `obj` to `path`, fsynced; returns its manifest entry (sha256 and size)."""
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": path.stat().st_size}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _read_manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a checkpoint folder (does not exist)")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing; the checkpoint is incomplete")
-    try:
-        manifest = json.loads(path.read_text())
-        files = manifest["files"]
-        ok = (
-            manifest["format"] == FORMAT
-            and isinstance(manifest["step"], int)
-            and isinstance(manifest["world_size"], int)
-            and manifest["world_size"] >= 1
-            and all(f"{p}.pt" in files for p in manifest["parts"])
-            and all(_rng_file(r) in files for r in range(manifest["world_size"]))
-            and all(
-                "/" not in name and isinstance(e["sha256"], str) and isinstance(e["bytes"], int)
-                for name, e in files.items()
-            )
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable manifest ({e!r})") from e
-    if not ok:
-        raise CheckpointError(f"{path}: malformed manifest")
-    return manifest
-
-
-def _check_hash(path: Path, data: bytes, entry: dict) -> None:
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise CheckpointError(f"{path}: corrupt (size or sha256 differs from the manifest)")
-
-
-def _read_checked(path: Path, entry: dict) -> bytes:
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from e
-    _check_hash(path, data, entry)
-    return data
-
-
-def _load_file(path: Path, entry: dict):
-    """Load one verified file with weights_only=True; it must hold a dict."""
-    data = _read_checked(path, entry)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # torch's message opens with advice to retry with weights_only=False; keep the reason.
-        reasons = [
-            line.strip()
-            for line in str(e).splitlines()
-            if line.strip()
-            and not line.startswith(("Weights only load failed", "Check the documentation"))
-        ]
-        detail = reasons[0] if reasons else type(e).__name__
-        raise CheckpointError(
-            f"{path}: refused, it holds objects that weights_only loading does not allow "
-            f"(nothing in it was executed): {detail}"
-        ) from e
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot be loaded ({e!r})") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict, got {type(obj).__name__}")
-    return obj
-
-
-def _verify(folder: Path) -> dict:
-    """Check that every file of `folder` matches its manifest; returns the manifest."""
-    folder = Path(folder)
-    manifest = _read_manifest(folder)
-    for name, entry in manifest["files"].items():
-        _read_checked(folder / name, entry)
-    return manifest

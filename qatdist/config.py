@@ -377,13 +377,19 @@ def validate(cfg: Config) -> None:
         _require(bool(pattern), f"data.{key}", "a shard pattern", pattern)
         if pattern.startswith("pipe:"):
             _require(d.allow_pipe, f"data.{key}", "no 'pipe:' URL unless data.allow_pipe", pattern)
-        elif not d.generate_demo and not pattern.startswith(("http://", "https://")):
-            _require(
-                bool(expand_shards(pattern)),
-                f"data.{key}",
-                "a pattern matching shard files",
-                pattern,
-            )
+        elif not pattern.startswith(("http://", "https://")):
+            from qatdist.demo import is_demo_pattern  # numpy and PIL, no torch
+
+            # Only the built-in demo's own pattern may match nothing: the run writes it then.
+            is_demo = is_demo_pattern(key, pattern)
+            if not (is_demo and d.generate_demo):
+                hint = " (data.generate_demo=true writes the demo there)" if is_demo else ""
+                _require(
+                    bool(expand_shards(pattern)),
+                    f"data.{key}",
+                    f"a pattern matching shard files{hint}",
+                    pattern,
+                )
     _require(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _require(t.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", t.steps_per_epoch)
     _require(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)

@@ -5,26 +5,45 @@ and independently of the class (colours, contrast, size, position, rotation, bac
 gradient and faint background texture, clutter that may occlude the shape, pixel noise), so no
 single cue such as mean colour or "is there a stripe anywhere" identifies a class. The draws
 are calibrated so that a ResNet-18 learns the task in a few epochs without reaching 100%.
+
+`ensure_demo_shards` writes the demo where configs/default.toml expects it (DEMO_SHARDS, relative
+to the working directory) on first use, and nowhere else: a shard pattern the user typed is
+never written to.
 """
 
 from __future__ import annotations
 
 import colorsys
+import fcntl
 import io
+import logging
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from qatdist.config import DataConfig
 from qatdist.shards import shard_pattern, write_shards
+
+log = logging.getLogger(__name__)
 
 SHAPES = ("disk", "square", "triangle", "plus", "ring")
 TEXTURES = ("stripes", "checker")
 CLASS_NAMES = tuple(f"{shape}-{texture}" for shape in SHAPES for texture in TEXTURES)
 NUM_CLASSES = len(CLASS_NAMES)
 _SPLITS = {"train": 0, "val": 1}
+# The built-in demo's own shard patterns, per config key (configs/default.toml uses them). With
+# data.generate_demo they are written on first use; no other pattern is ever written to.
+DEMO_DIR = Path("data/demo")
+DEMO_SHARDS = {
+    "train_shards": f"{DEMO_DIR}/train-{{000000..000007}}.tar",
+    "val_shards": f"{DEMO_DIR}/val-{{000000..000001}}.tar",
+}
 
 # Difficulty knobs (uniform ranges), calibrated with a short ResNet-18 run; see the docstring.
 RADIUS = (0.28, 0.42)  # object radius as a fraction of the image size
@@ -203,3 +222,63 @@ def write_demo_shards(
         write_demo_split(paths, per_class, seed, image_size, split)
         patterns.append(shard_pattern(out, split, count))
     return patterns[0], patterns[1]
+
+
+def is_demo_pattern(key: str, pattern: str) -> bool:
+    """True when `pattern` is the built-in demo's own pattern for config key `key`
+    ('train_shards' or 'val_shards'), the only patterns the demo generator writes to."""
+    return DEMO_SHARDS[key] == pattern
+
+
+def _demo_paths(key: str) -> list[Path]:
+    from braceexpand import braceexpand  # installed with webdataset
+
+    return [Path(name) for name in braceexpand(DEMO_SHARDS[key])]
+
+
+def ensure_demo_shards(cfg: DataConfig, seed: int) -> bool:
+    """With cfg.generate_demo, write the demo splits whose data.train_shards / val_shards is
+    the demo's own pattern (DEMO_SHARDS) and whose files are not all there. Other patterns are
+    left alone (a pattern that matches nothing is a config error, see config.validate).
+
+    Shards are written to a temporary folder and renamed into place under a file lock, so
+    concurrent runs (every rank calls this) write once and never see partial shards. Returns
+    True when this call wrote shards."""
+    if not cfg.generate_demo:
+        return False
+    per_class = {"train_shards": cfg.demo_train_per_class, "val_shards": cfg.demo_val_per_class}
+    patterns = {"train_shards": cfg.train_shards, "val_shards": cfg.val_shards}
+    keys = [key for key, pattern in patterns.items() if is_demo_pattern(key, pattern)]
+
+    def missing() -> list[str]:
+        return [key for key in keys if not all(p.exists() for p in _demo_paths(key))]
+
+    if not missing():
+        return False
+    DEMO_DIR.parent.mkdir(parents=True, exist_ok=True)
+    with open(DEMO_DIR.parent / f".{DEMO_DIR.name}.demo.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        todo = missing()  # another run may have written them while we waited for the lock
+        if todo:
+            _write_demo_folder({key: per_class[key] for key in todo}, cfg.image_size, seed)
+    return bool(todo)
+
+
+def _write_demo_folder(per_class: dict[str, int], image_size: int, seed: int) -> None:
+    """Write the demo splits of `per_class` (config key -> images per class) into DEMO_DIR."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_DIR.name}.tmp-", dir=DEMO_DIR.parent))
+    try:
+        for key, count in per_class.items():
+            split = key.removesuffix("_shards")
+            paths = _demo_paths(key)
+            write_demo_split([tmp / p.name for p in paths], count, seed, image_size, split)
+        if not DEMO_DIR.exists():
+            os.rename(tmp, DEMO_DIR)
+        else:
+            for key in per_class:
+                for path in _demo_paths(key):
+                    os.replace(tmp / path.name, path)
+        splits = ", ".join(key.removesuffix("_shards") for key in per_class)
+        log.info("wrote demo shards for %s to %s", splits, DEMO_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

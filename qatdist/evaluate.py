@@ -86,3 +86,56 @@ def side_by_side_latency_ms(
                 if i >= warmup:
                     times[name].append(elapsed * 1000.0)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def top2_margin(logits: torch.Tensor) -> torch.Tensor:
+    """Per sample, the gap between the largest and the second-largest logit."""
+    top2 = logits.float().topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1]
+
+
+class DecidedAgreement:
+    """Top-1 agreement of a model with a reference, judged only where the reference decided.
+
+    Two implementations of one int8 model (reference q/dq graph, Inductor kernels, AOTI) round
+    differently by vendor and CPU; where the reference's top-2 logits are closer than the
+    measured logit difference, either argmax is a legitimate answer. A sample is *comparable*
+    when the reference's top-2 margin exceeds the max |logit difference| measured over all the
+    samples seen (the number reported beside it). Feed batches with `update`; read `result()`.
+    """
+
+    def __init__(self) -> None:
+        self._margins: list[torch.Tensor] = []
+        self._same: list[torch.Tensor] = []
+        self.max_abs_logit_diff = 0.0
+
+    def update(self, ref_logits: torch.Tensor, other_logits: torch.Tensor) -> None:
+        if ref_logits.shape != other_logits.shape or ref_logits.dim() != 2:
+            raise ValueError(
+                f"logits of shape {tuple(ref_logits.shape)} and {tuple(other_logits.shape)}: "
+                "expected two equal (samples, classes) shapes"
+            )
+        if ref_logits.shape[0] == 0:
+            return
+        diff = float((other_logits.float() - ref_logits.float()).abs().max())
+        self.max_abs_logit_diff = max(self.max_abs_logit_diff, diff)
+        self._margins.append(top2_margin(ref_logits))
+        self._same.append(other_logits.argmax(dim=1) == ref_logits.argmax(dim=1))
+
+    def result(self) -> tuple[int, int]:
+        """(agreeing, comparable) sample counts."""
+        if not self._margins:
+            return 0, 0
+        decided = torch.cat(self._margins) > self.max_abs_logit_diff
+        return int((torch.cat(self._same) & decided).sum()), int(decided.sum())
+
+
+def agreement_where_decided(
+    ref_logits: torch.Tensor, other_logits: torch.Tensor
+) -> tuple[int, int]:
+    """(agreeing, comparable) samples of `other_logits` against `ref_logits`: only samples whose
+    reference top-2 margin exceeds the max |logit difference| between the two are comparable
+    (see `DecidedAgreement`)."""
+    meter = DecidedAgreement()
+    meter.update(ref_logits, other_logits)
+    return meter.result()

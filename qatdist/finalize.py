@@ -10,7 +10,8 @@ One implementation for the trainer's last step (rank 0, `Trainer.finish`) and fo
     report.json, report.md, latency.png
 
 Everything is built in a temporary folder beside `out_dir` and moved into place at the end,
-so a failure part-way leaves `out_dir` as it was.
+so a failure part-way leaves `out_dir` as it was. The report's keys are defined in
+`qatdist.report`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import time
 import zipfile
@@ -33,9 +33,11 @@ import torchvision
 from torch._inductor.utils import run_and_get_code
 from torch.export import Dim
 
-from qatdist import report as report_views
-from qatdist.evaluate import pad_batch, side_by_side_latency_ms
+from qatdist import report as reports
+from qatdist.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
+from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
+from qatdist.topology import cpu_int8_capabilities
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +50,10 @@ ARTIFACTS = (
     "report.md",
     "latency.png",
 )
-# Calls of the oneDNN int8 kernels in Inductor's Python wrapper (`torch.ops.onednn.qconv_...(`)
-# and in AOTInductor's C++ wrapper (`aoti_torch_cpu__qconv_...(`), as torch 2.14 writes them:
-# qconv_pointwise, qconv2d_pointwise.binary (conv + add), qlinear_pointwise(.binary).
-_QUANTIZED_CALL = re.compile(
-    r"(?:torch\.ops\.onednn\.|aoti_torch_cpu__)q(conv|linear)\w*(?:\.\w+)?\("
-)
 
 
-def count_quantized_ops(code: str) -> dict[str, int]:
-    """Quantized convolution and linear kernel calls in generated (Python or C++) code."""
-    counts = {"conv": 0, "linear": 0}
-    for match in _QUANTIZED_CALL.finditer(code):
-        counts[match.group(1)] += 1
-    return counts
+class QuantizationIncomplete(RuntimeError):
+    """Annotated layers were left in float and the caller required full quantization."""
 
 
 def aoti_package_source(package: Path) -> str:
@@ -110,14 +102,15 @@ def layer_counts(model: torch.nn.Module) -> dict[str, int]:
 
 
 def machine_facts() -> dict:
-    """Versions, CPU model and torch thread count, for the report."""
+    """Versions, CPU model and int8 instructions, torch thread count, for the report."""
     return {
         "torch_version": torch.__version__,
         "torchao_version": torchao.__version__,
         "torchvision_version": torchvision.__version__,
         "python_version": platform.python_version(),
-        "cpu_model": report_views.cpu_model(),
+        "cpu_model": reports.cpu_model(),
         "threads": torch.get_num_threads(),
+        "cpu_int8_capabilities": cpu_int8_capabilities(),
     }
 
 
@@ -145,6 +138,17 @@ def staged_output(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _save_program_and_reference(
+    int8_model: torch.nn.Module, example: torch.Tensor, stage: Path
+) -> torch.export.ExportedProgram:
+    """Write model_int8.pt2 and reference_io.pt (`example` and the converted model's logits)."""
+    with torch.no_grad():
+        logits = int8_model(example)
+    exported = export_int8(int8_model, example, stage / "model_int8.pt2")
+    torch.save({"input": example, "logits": logits}, stage / "reference_io.pt")
+    return exported
+
+
 def _compare_on_val(
     reference: Callable[[torch.Tensor], torch.Tensor],
     forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]],
@@ -153,13 +157,13 @@ def _compare_on_val(
     pad_to: int,
     keep: int,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Top-1 of `reference` and each of `forwards` over `batches`, and each forward's top-1
-    agreement with `reference` and max |logit difference|. Batches are zero-padded to `pad_to`
-    (static-shape compiled models see one batch size). Returns the measures and the first
-    `keep` samples' images, labels and reference logits."""
+    """Top-1 of `reference` and each of `forwards` over `batches`, and each forward's
+    margin-aware agreement with `reference` (`DecidedAgreement`: (agreeing, comparable)
+    samples, max |logit difference|). Batches are zero-padded to `pad_to` (static-shape
+    compiled models see one batch size). Returns the measures and the first `keep` samples'
+    images, labels and reference logits."""
     correct = dict.fromkeys(["reference", *forwards], 0)
-    agree = dict.fromkeys(forwards, 0)
-    max_diff = dict.fromkeys(forwards, 0.0)
+    agreement = {name: DecidedAgreement() for name in forwards}
     kept: dict[str, list[torch.Tensor]] = {"images": [], "labels": [], "logits": []}
     seen = 0
     with torch.no_grad():
@@ -170,14 +174,11 @@ def _compare_on_val(
                 continue
             padded = pad_batch(images, pad_to)
             ref_logits = reference(padded)[:n]
-            ref_top = ref_logits.argmax(dim=1)
-            correct["reference"] += int((ref_top == labels).sum())
+            correct["reference"] += int((ref_logits.argmax(dim=1) == labels).sum())
             for name, forward in forwards.items():
                 logits = forward(padded)[:n]
-                top = logits.argmax(dim=1)
-                correct[name] += int((top == labels).sum())
-                agree[name] += int((top == ref_top).sum())
-                max_diff[name] = max(max_diff[name], float((logits - ref_logits).abs().max()))
+                correct[name] += int((logits.argmax(dim=1) == labels).sum())
+                agreement[name].update(ref_logits, logits)
             take = min(n, keep - seen) if seen < keep else 0
             if take:
                 kept["images"].append(images[:take].clone())
@@ -187,10 +188,173 @@ def _compare_on_val(
     measures = {
         "seen": seen,
         "top1": {k: v / seen if seen else 0.0 for k, v in correct.items()},
-        "agreement": {k: v / seen if seen else 0.0 for k, v in agree.items()},
-        "max_abs_logit_diff": max_diff,
+        "agreement": {k: m.result() for k, m in agreement.items()},
+        "max_abs_logit_diff": {k: m.max_abs_logit_diff for k, m in agreement.items()},
     }
     return measures, {k: torch.cat(v) if v else torch.empty(0) for k, v in kept.items()}
+
+
+def _agreement_fields(prefix: str, measures: dict, name: str) -> dict:
+    agree, comparable = measures["agreement"][name]
+    return {
+        f"{prefix}_agreement": agree / comparable if comparable else None,
+        f"{prefix}_comparable_samples": comparable,
+        f"{prefix}_max_abs_logit_diff": measures["max_abs_logit_diff"][name],
+    }
+
+
+def coverage(
+    prepared: torch.fx.GraphModule,
+    int8_model: torch.fx.GraphModule,
+    quantized_ops: dict[str, dict[str, int]],
+) -> dict:
+    """Report fields saying whether every conv/linear the quantizer annotated in `prepared`
+    became int8: in the converted graph (`int8_model`) and, per lowered code, in the count of
+    int8 kernel calls (`quantized_ops`). `unquantized_layers` names the annotated layers the
+    converted graph keeps in float; a shortfall in generated code it cannot name is listed as
+    "<n> <kind> layer(s) not lowered to int8 in <code>"."""
+    annotated = quant_inspect.annotated_layers(prepared)
+    wanted = set(annotated["conv"] + annotated["linear"])
+    unquantized = [name for name in quant_inspect.float_layers(int8_model) if name in wanted]
+    for where, counts in quantized_ops.items():
+        for kind in ("conv", "linear"):
+            named = sum(name in unquantized for name in annotated[kind])
+            missing = len(annotated[kind]) - named - counts[kind]
+            if missing > 0:
+                unquantized.append(f"{missing} {kind} layer(s) not lowered to int8 in {where}")
+    return {
+        "annotated_conv_layers": len(annotated["conv"]),
+        "annotated_linear_layers": len(annotated["linear"]),
+        "quantization_complete": not unquantized,
+        "unquantized_layers": unquantized,
+    }
+
+
+def _compiled_forwards(
+    int8_model: torch.nn.Module,
+    fp32_model: torch.nn.Module,
+    examples: dict[int, torch.Tensor],
+    main_batch: int,
+) -> tuple[dict[str, Callable], dict[str, int], float]:
+    """Inductor-compiled int8 and fp32 forwards (compiled once per batch size here), the int8
+    kernel calls counted in the generated code, and the compile seconds."""
+    log.info("compiling int8 and fp32 models with Inductor (freezing)")
+    start = time.perf_counter()
+    int8_forward = compile_for_inference(int8_model)
+    fp32_forward = compile_for_inference(fp32_model)
+    with torch.no_grad():  # first calls compile, once per batch size (static shapes)
+        # run_and_get_code resets Dynamo's caches first: it must be the first compile.
+        _, codes = run_and_get_code(int8_forward, examples[main_batch])
+        for example in examples.values():
+            int8_forward(example)
+            fp32_forward(example)
+    counts = quant_inspect.count_quantized_ops("\n".join(codes))
+    return {"fp32": fp32_forward, "int8": int8_forward}, counts, time.perf_counter() - start
+
+
+def _latency_rows(
+    forwards: dict[str, Callable], examples: dict[int, torch.Tensor], iters: int
+) -> list[dict]:
+    rows = []
+    for b, example in examples.items():
+        ms = side_by_side_latency_ms(forwards, example, iters)
+        row = {"batch_size": b}
+        for name, value in ms.items():
+            row[f"{name}_ms"] = value
+            row[f"{name}_images_per_s"] = b * 1000.0 / value
+        row["int8_speedup"] = ms["fp32"] / ms["int8"]
+        if "int8_aoti" in ms:
+            row["int8_aoti_speedup"] = ms["fp32"] / ms["int8_aoti"]
+        rows.append(row)
+    return rows
+
+
+def slower_int8_causes(report: dict) -> list[str]:
+    """The likely causes of an int8 model slower than fp32 that the report lets us check:
+    no int8 dot-product instructions, a small batch, one thread, layers left in float."""
+    causes = []
+    caps = reports.field(report, "cpu_int8_capabilities") or {}
+    if not caps.get("int8_dot_product"):
+        causes.append(
+            "the CPU has no int8 dot-product instructions (avx512_vnni, avx_vnni, amx_int8)"
+        )
+    batch = reports.field(report, "latency_batch_size")
+    if batch is not None and batch < 8:
+        causes.append(f"batch size {batch}: per-call overheads (quantize, reorder) dominate")
+    if reports.field(report, "threads") == 1:
+        causes.append("one torch thread: int8 kernels gain most with several cores")
+    if reports.field(report, "unquantized_layers"):
+        left = ", ".join(reports.field(report, "unquantized_layers"))
+        causes.append(f"layers left in float add quantize/dequantize round trips: {left}")
+    if not reports.field(report, "compiled"):
+        causes.append("not compiled: eager int8 runs the reference q/dq graph, not int8 kernels")
+    return causes
+
+
+def _measured_fields(
+    measures: dict, rows: list[dict], quantized_ops: dict, fp32_linear_layers: int
+) -> dict:
+    """Report fields of the accuracy and latency measurements."""
+    inductor_ops = quantized_ops.get("inductor", {})
+    return {
+        "int8_top1": measures["top1"]["int8"],
+        "int8_reference_top1": measures["top1"]["reference"],
+        "int8_eval_samples": measures["seen"],
+        **_agreement_fields("int8_compiled", measures, "int8"),
+        "int8_latency_ms": rows[-1]["int8_ms"],
+        "fp32_latency_ms": rows[-1]["fp32_ms"],
+        "int8_speedup": rows[-1]["int8_speedup"],
+        "latency_batch_size": rows[-1]["batch_size"],
+        "latency": rows,
+        "quantized_ops": quantized_ops,
+        "quantized_conv_count": inductor_ops.get("conv"),
+        "quantized_linear_count": inductor_ops.get("linear"),
+        "linears_quantized": inductor_ops.get("linear"),
+        "linears_present": fp32_linear_layers,
+    }
+
+
+def _flag_slower_int8(full: dict) -> dict:
+    """`full` with `int8_slower_causes` when int8 lost to fp32, logged as a warning."""
+    full.pop("int8_slower_causes", None)  # an earlier export's, kept in `report`
+    if full["int8_slower_than_fp32"]:
+        full["int8_slower_causes"] = slower_int8_causes(full)
+        log.warning(
+            "int8 is slower than fp32 (x%.2f at batch %d); likely causes: %s",
+            full["int8_speedup"],
+            full["latency_batch_size"],
+            "; ".join(full["int8_slower_causes"]) or "none of those checked",
+        )
+    return full
+
+
+def _check_coverage(full: dict, require_full_quantization: bool) -> None:
+    """Warn about (or, when required, refuse) annotated layers left in float."""
+    if full["quantization_complete"]:
+        return
+    left = ", ".join(full["unquantized_layers"])
+    if require_full_quantization:
+        raise QuantizationIncomplete(
+            f"runtime.require_full_quantization: layers left in float: {left}; "
+            "no final artifacts were written"
+        )
+    log.warning("quantization incomplete: layers left in float: %s", left)
+
+
+def _write_views(stage: Path, full: dict, rows: list[dict], batch_sizes: list[int]) -> None:
+    (stage / "report.json").write_text(json.dumps(full, indent=2))
+    (stage / "report.md").write_text(reports.markdown(full))
+    eager = "compiled" if full["compiled"] else "eager"
+    series = {
+        label: [row[key] for row in rows]
+        for label, key in (
+            (f"fp32 {eager}", "fp32_ms"),
+            (f"int8 {eager}", "int8_ms"),
+            ("int8 AOTI", "int8_aoti_ms"),
+        )
+        if key in rows[-1]
+    }
+    reports.latency_png(stage / "latency.png", batch_sizes, series)
 
 
 def finalize(
@@ -206,6 +370,7 @@ def finalize(
     aoti: bool = True,
     report: dict | None = None,
     reference_samples: int = 256,
+    require_full_quantization: bool = False,
 ) -> dict:
     """Convert `prepared` (a QAT model in eval mode, observers off), evaluate and benchmark it,
     and write the artifacts listed in the module docstring into `out_dir`.
@@ -215,10 +380,12 @@ def finalize(
     at the largest of `batch_sizes`, latency (`latency_iters` timed runs, interleaved) at each.
     With `compile_model=False` the eager models are measured and no AOTI package is built;
     `aoti=False` skips only the AOTI package. `report` holds the caller's fields (model, steps,
-    fp32_fake_quant_top1, ...), merged into report.json. Returns the full report.
+    fp32_fake_quant_top1, fp32_top1, ptq_int8_top1, ...), merged into report.json with the
+    derived ones (`qatdist.report.with_derived`). Returns the full report.
 
-    The single-batch fields `int8_latency_ms`, `fp32_latency_ms`, `int8_speedup` are those of
-    `latency_batch_size`, the largest batch size.
+    Annotated layers left in float set `quantization_complete: false` and a warning; with
+    `require_full_quantization` they raise QuantizationIncomplete and nothing is written. An
+    int8 model slower than fp32 logs the likely causes (`slower_int8_causes`).
     """
     batch_sizes = sorted(set(batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
@@ -226,8 +393,7 @@ def finalize(
     main_batch = batch_sizes[-1]
     aoti = aoti and compile_model
     fp32_model = fp32_model.eval()
-    full = dict(report or {})
-    full |= layer_counts(fp32_model)
+    full = reports.report_fields(**((report or {}) | layer_counts(fp32_model)))
 
     with staged_output(out_dir) as stage:
         int8_model = convert_to_int8(prepared)
@@ -235,100 +401,35 @@ def finalize(
         examples = {
             b: torch.randn(b, 3, image_size, image_size, generator=generator) for b in batch_sizes
         }
-        with torch.no_grad():
-            reference_logits = int8_model(examples[main_batch])
-        exported = export_int8(int8_model, examples[main_batch], stage / "model_int8.pt2")
-        torch.save(
-            {"input": examples[main_batch], "logits": reference_logits},
-            stage / "reference_io.pt",
-        )
-
-        forwards: dict[str, Callable] = {}
+        exported = _save_program_and_reference(int8_model, examples[main_batch], stage)
         quantized_ops: dict[str, dict[str, int]] = {}
+        forwards: dict[str, Callable] = {"fp32": fp32_model, "int8": int8_model}
         compile_s = aoti_s = 0.0
         if compile_model:
-            log.info("compiling int8 and fp32 models with Inductor (freezing)")
-            start = time.perf_counter()
-            int8_forward = compile_for_inference(int8_model)
-            fp32_forward = compile_for_inference(fp32_model)
-            with torch.no_grad():  # first calls compile, once per batch size (static shapes)
-                # run_and_get_code resets Dynamo's caches first: it must be the first compile.
-                _, codes = run_and_get_code(int8_forward, examples[main_batch])
-                for b in batch_sizes:
-                    int8_forward(examples[b])
-                    fp32_forward(examples[b])
-            compile_s = time.perf_counter() - start
-            quantized_ops["inductor"] = count_quantized_ops("\n".join(codes))
-            forwards = {"fp32": fp32_forward, "int8": int8_forward}
-        else:
-            forwards = {"fp32": fp32_model, "int8": int8_model}
+            forwards, quantized_ops["inductor"], compile_s = _compiled_forwards(
+                int8_model, fp32_model, examples, main_batch
+            )
         if aoti:
             log.info("building the AOTInductor package (freezing)")
             start = time.perf_counter()
             package = build_aoti_package(exported, stage / "model_int8_aoti.pt2")
             aoti_s = time.perf_counter() - start
-            quantized_ops["aoti"] = count_quantized_ops(aoti_package_source(package))
+            quantized_ops["aoti"] = quant_inspect.count_quantized_ops(aoti_package_source(package))
             forwards["int8_aoti"] = torch._inductor.aoti_load_package(str(package))
+        full |= coverage(prepared, int8_model, quantized_ops)
+        _check_coverage(full, require_full_quantization)
 
         measured = {k: v for k, v in forwards.items() if k != "fp32"}
         measures, kept = _compare_on_val(
             int8_model, measured, val_batches(main_batch), pad_to=main_batch, keep=reference_samples
         )
-        torch.save(
-            {"images": kept["images"], "labels": kept["labels"], "logits": kept["logits"]},
-            stage / "val_reference.pt",
-        )
-
-        rows = []
-        for b in batch_sizes:
-            ms = side_by_side_latency_ms(forwards, examples[b], latency_iters)
-            row = {"batch_size": b}
-            for name, value in ms.items():
-                row[f"{name}_ms"] = value
-                row[f"{name}_images_per_s"] = b * 1000.0 / value
-            row["int8_speedup"] = ms["fp32"] / ms["int8"]
-            if "int8_aoti" in ms:
-                row["int8_aoti_speedup"] = ms["fp32"] / ms["int8_aoti"]
-            rows.append(row)
-        main_row = rows[-1]
-
-        full |= {
-            "int8_top1": measures["top1"]["int8"],
-            "int8_reference_top1": measures["top1"]["reference"],
-            "int8_eval_samples": measures["seen"],
-            "int8_compiled_agreement": measures["agreement"]["int8"],
-            "int8_compiled_max_abs_logit_diff": measures["max_abs_logit_diff"]["int8"],
-            "int8_latency_ms": main_row["int8_ms"],
-            "fp32_latency_ms": main_row["fp32_ms"],
-            "int8_speedup": main_row["int8_speedup"],
-            "latency_batch_size": main_batch,
-            "latency_iters": latency_iters,
-            "latency": rows,
-            "compiled": compile_model,
-            "compile_seconds": compile_s,
-            "quantized_ops": quantized_ops,
-            "quantized_conv_count": quantized_ops.get("inductor", {}).get("conv"),
-            "quantized_linear_count": quantized_ops.get("inductor", {}).get("linear"),
-        }
+        torch.save(kept, stage / "val_reference.pt")
+        rows = _latency_rows(forwards, {b: examples[b] for b in batch_sizes}, latency_iters)
+        full |= _measured_fields(measures, rows, quantized_ops, full["fp32_linear_layers"])
+        full |= dict(latency_iters=latency_iters, compiled=compile_model, compile_seconds=compile_s)
         if aoti:
-            full |= {
-                "int8_aoti_top1": measures["top1"]["int8_aoti"],
-                "int8_aoti_agreement": measures["agreement"]["int8_aoti"],
-                "int8_aoti_max_abs_logit_diff": measures["max_abs_logit_diff"]["int8_aoti"],
-                "aoti_build_seconds": aoti_s,
-            }
-        full |= machine_facts()
-
-        (stage / "report.json").write_text(json.dumps(full, indent=2))
-        (stage / "report.md").write_text(report_views.markdown(full))
-        series = {
-            label: [row[key] for row in rows]
-            for label, key in (
-                ("fp32 compiled" if compile_model else "fp32 eager", "fp32_ms"),
-                ("int8 compiled" if compile_model else "int8 eager", "int8_ms"),
-                ("int8 AOTI", "int8_aoti_ms"),
-            )
-            if key in main_row
-        }
-        report_views.latency_png(stage / "latency.png", batch_sizes, series)
+            full |= _agreement_fields("int8_aoti", measures, "int8_aoti")
+            full |= {"int8_aoti_top1": measures["top1"]["int8_aoti"], "aoti_build_seconds": aoti_s}
+        full = _flag_slower_int8(reports.with_derived(full | machine_facts()))
+        _write_views(stage, full, rows, batch_sizes)
     return full

@@ -42,3 +42,17 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         except Exception as e:  # a bad file must name itself, whatever torch raised
             raise ConfigError(f"model.weights: cannot load {cfg.weights}: {e}") from None
     return model
+
+
+def tiny_vit(num_classes: int) -> torch.nn.Module:
+    """A 2-layer torchvision VisionTransformer for 32x32 images (patch 4, width 64, 2 heads);
+    `model.name = "qatdist.models:tiny_vit"`."""
+    return torchvision.models.VisionTransformer(
+        image_size=32,
+        patch_size=4,
+        num_layers=2,
+        num_heads=2,
+        hidden_dim=64,
+        mlp_dim=128,
+        num_classes=num_classes,
+    )

@@ -24,8 +24,10 @@ the rate after s scheduler steps, i.e. the one step s + 1 uses.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import statistics
 import sys
 import threading
 import time
@@ -35,6 +37,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from qatdist import report as reports
 from qatdist.config import Config, LogConfig
 from qatdist.distributed import all_gather_object, all_reduce_sum
 from qatdist.quant import inspect as quant_inspect
@@ -43,6 +46,17 @@ from qatdist.quant import schedule
 log = logging.getLogger("qatdist")
 
 BAR_WIDTH = 30
+# Report keys written as `final/<key>` scalars when the report has them.
+FINAL_SCALARS = (
+    "fp32_fake_quant_top1",
+    "int8_top1",
+    "fp32_top1",
+    "ptq_int8_top1",
+    "int8_latency_ms",
+    "fp32_latency_ms",
+    "int8_speedup",
+    "train_images_per_s",
+)
 
 
 def setup_logging(rank: int) -> None:
@@ -105,6 +119,32 @@ class AllReduceTimer:
         return union_seconds(intervals)
 
 
+class StepRate:
+    """Seconds per optimizer step for the ETA, from the recent steps that show the steady pace.
+
+    Left out: steps flagged one-time (the first step; a QAT phase change, whose kernels compile
+    once) and outliers, slower than `outlier_factor` x the lower median of the recent steps (a
+    compile nobody flagged, a checkpoint). A one-time cost then does not inflate the estimate
+    for every remaining step (it once showed 14:47 at the fake-quant switch for a 2:43 run).
+    """
+
+    def __init__(self, window: int = 100, outlier_factor: float = 3.0) -> None:
+        self.outlier_factor = outlier_factor
+        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+
+    def add(self, seconds: float, *, one_time: bool = False) -> None:
+        if not one_time:
+            self._recent.append(seconds)
+
+    def seconds_per_step(self) -> float | None:
+        """Mean of the recent steady steps; None before the first one."""
+        if not self._recent:
+            return None
+        limit = self.outlier_factor * statistics.median_low(self._recent)
+        steady = [s for s in self._recent if s <= limit]
+        return sum(steady) / len(steady)
+
+
 def _rank_usage(process: psutil.Process) -> dict[str, float]:
     """CPU utilisation of this process since the previous call (100 = one core busy; the
     loader's worker processes are not included) and its resident memory in MB."""
@@ -140,7 +180,9 @@ class Monitor:
         if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tb"))
+            from qatdist.runfolder import RunFolder
+
+            self.writer = SummaryWriter(log_dir=str(RunFolder(out_dir).tensorboard))
         self.allreduce = AllReduceTimer()
         self._process = psutil.Process()
         self._process.cpu_percent(interval=None)  # starts the measurement interval
@@ -149,6 +191,8 @@ class Monitor:
         self._quant_logged_at = -1
         self.seconds = 0.0  # the monitor's own time (reductions, summaries, writes)
         self.loop_seconds = 0.0  # all steps' time, from asking for the batch to end_step
+        self.rate = StepRate()
+        self._one_time_step = True  # the first step warms up (allocations, DDP buckets)
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -200,7 +244,9 @@ class Monitor:
         if self._step_start is not None:
             self._w_seconds += now - self._step_start
             self.loop_seconds += now - self._step_start
+            self.rate.add(now - self._step_start, one_time=self._one_time_step)
             self._step_start = None
+        self._one_time_step = False
         self._w_steps += 1
         self._w_loss += loss
         self._w_correct += correct
@@ -254,6 +300,11 @@ class Monitor:
         self._reset_window()
         self.seconds += time.perf_counter() - start
 
+    def expect_one_time_cost(self) -> None:
+        """The step now starting pays a one-time cost (a QAT phase change compiles kernels):
+        the ETA leaves it out."""
+        self._one_time_step = True
+
     def on_sync(self, seconds: float, step: int, model: torch.nn.Module) -> None:
         """A statistics sync took `seconds`; with `log.quant_every_steps` 0 this is when the
         quant summaries are written (once per step however many syncs it has)."""
@@ -294,22 +345,23 @@ class Monitor:
     # --- the end --------------------------------------------------------------------------
 
     def final(self, report: dict, cfg: Config) -> None:
-        """Final latencies, speedup and accuracies as `final/` scalars, the monitor's own time
-        as a fraction of the training loop's, and the run's hyperparameters with those metrics
-        (hparams plugin)."""
+        """The baselines table on the console; final latencies, speedup and accuracies (and
+        the baselines when measured) as `final/` scalars, the monitor's own time as a fraction
+        of the training loop's, and the run's hyperparameters with those metrics (hparams
+        plugin)."""
+        rows = reports.baseline_rows(report)
+        if self.enabled and rows:
+            self._end_bar()
+            width = max(len(label) for label, _ in rows)
+            lines = [f"  {label:<{width}}  {value}" for label, value in rows]
+            print("\n".join(["baselines (top-1 on the validation shards):", *lines]), flush=True)
         if self.writer is None:
             return
-        step = report["steps"]
+        step = reports.field(report, "steps")
         metrics = {
-            f"final/{key}": float(report[key])
-            for key in (
-                "fp32_fake_quant_top1",
-                "int8_top1",
-                "int8_latency_ms",
-                "fp32_latency_ms",
-                "int8_speedup",
-                "train_images_per_s",
-            )
+            f"final/{key}": float(reports.field(report, key))
+            for key in FINAL_SCALARS
+            if reports.field(report, key) is not None
         }
         if self.loop_seconds > 0:
             metrics["final/monitor_overhead_fraction"] = self.seconds / self.loop_seconds
@@ -317,8 +369,8 @@ class Monitor:
             self.scalar(tag, value, step)
         hparams = {
             "model": cfg.model.name,
-            "world_size": report["world_size"],
-            "global_batch_size": report["global_batch_size"],
+            "world_size": reports.field(report, "world_size"),
+            "global_batch_size": reports.field(report, "global_batch_size"),
             "batch_size": cfg.train.batch_size,
             "epochs": cfg.train.epochs,
             "lr": cfg.train.lr,
@@ -348,7 +400,8 @@ class Monitor:
         one line per call otherwise."""
         if not self.enabled:
             return
-        eta = format_duration((self.total_steps - step) * step_s)
+        rate = self.rate.seconds_per_step()
+        eta = format_duration((self.total_steps - step) * (step_s if rate is None else rate))
         line = (
             f"step {step}/{self.total_steps} epoch {epoch} loss {loss:.4f} "
             f"{images_per_s:.1f} img/s eta {eta}"

@@ -1,17 +1,178 @@
-"""Human-readable views of a final report: `report.md`, `latency.png`, and the machine facts.
+"""The final report: every `report.json` key defined once, and its views (`report.md`,
+`latency.png`, the console's baselines table).
 
-The PNG is drawn with PIL (installed with torchvision) so that no plotting library is needed.
+`REPORT_KEYS` names each key with its type and meaning. Writers build the dict with
+`report_fields(...)` (an unknown key or a value of the wrong type is an error naming it) and
+`with_derived(...)`; readers go through `field(report, name)`, which refuses unregistered names.
+`keys_markdown()` renders the registry for the README / docs.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
 
-# One colour per latency series, in the order they are drawn and listed in the legend.
-_COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+@dataclass(frozen=True)
+class ReportKey:
+    name: str
+    type: str  # "float", "int | None", "list[str]", ...: checked by `report_fields`
+    meaning: str
+
+
+_KEYS = [
+    # The run
+    ("model", "str", "torchvision model name"),
+    ("world_size", "int", "ranks that trained"),
+    ("global_batch_size", "int", "images per optimizer step over all ranks"),
+    ("steps", "int", "optimizer steps of the final weights"),
+    ("epochs", "int", "configured epochs"),
+    ("checkpoint", "str | None", "checkpoint folder exported (export_final only)"),
+    ("run_dir", "str", "run folder exported (export_final only)"),
+    ("produced_by", "str", "the command that wrote the report when not the trainer"),
+    ("resumed_from_step", "int | None", "step this process resumed from, null if it did not"),
+    ("train_images_per_s", "float", "training throughput of the steps this process ran"),
+    ("skipped_samples", "int", "bad samples skipped over all ranks (data.on_error='skip')"),
+    ("skipped_nonfinite_steps", "int", "optimizer steps skipped for a non-finite loss/grad"),
+    ("teacher_seconds_total", "float", "time spent in the distillation teacher's forward"),
+    ("eval_history", "list[dict]", "every evaluation during training, in step order"),
+    # Accuracy: baselines and the int8 model (top-1 in [0, 1] on the validation shards)
+    ("start_fp32_top1", "float", "the model of `model.weights` as given, before any step"),
+    ("fp32_top1", "float", "final weights in float: fake quant and observers off, BN in eval"),
+    ("ptq_int8_top1", "float", "post-training int8 of the float model at fake_quant_start_step"),
+    ("fp32_fake_quant_top1", "float", "final prepared QAT model (fake quant as trained)"),
+    ("int8_top1", "float", "converted int8 model compiled by Inductor (eager when not compiled)"),
+    ("int8_reference_top1", "float", "converted int8 model, eager q/dq reference graph"),
+    ("int8_aoti_top1", "float", "int8 AOTInductor package"),
+    ("qat_gain_over_ptq", "float", "int8_top1 - ptq_int8_top1: what QAT bought over PTQ"),
+    ("int8_drop_vs_fp32", "float", "fp32_top1 - int8_top1: what quantization costs"),
+    ("int8_eval_samples", "int", "validation samples behind the int8 top-1 and agreements"),
+    (
+        "int8_compiled_agreement",
+        "float | None",
+        "top-1 agreement of the compiled int8 model with the eager reference over the comparable"
+        " samples (null when none is comparable)",
+    ),
+    (
+        "int8_compiled_comparable_samples",
+        "int",
+        "samples whose reference top-2 logit margin exceeds int8_compiled_max_abs_logit_diff",
+    ),
+    ("int8_compiled_max_abs_logit_diff", "float", "max |logit difference|, compiled vs reference"),
+    ("int8_aoti_agreement", "float | None", "as int8_compiled_agreement, for the AOTI package"),
+    ("int8_aoti_comparable_samples", "int", "as int8_compiled_comparable_samples, for AOTI"),
+    ("int8_aoti_max_abs_logit_diff", "float", "max |logit difference|, AOTI vs reference"),
+    ("accuracy_budget", "float", "quant.max_accuracy_drop the run had to meet (-1 = off)"),
+    ("accuracy_budget_met", "bool", "int8_drop_vs_fp32 <= accuracy_budget"),
+    ("fp32_fallback_layers", "list[str]", "layers moved to fp32 to meet the accuracy budget"),
+    ("sensitivity", "list[dict]", "per-layer accuracy sensitivity measured by the budget search"),
+    # Quantization coverage
+    ("fp32_conv_layers", "int", "convolution modules of the fp32 model"),
+    ("fp32_linear_layers", "int", "linear modules of the fp32 model"),
+    ("annotated_conv_layers", "int", "convolutions the quantizer annotated (fp32-kept excluded)"),
+    ("annotated_linear_layers", "int", "linears the quantizer annotated (fp32-kept excluded)"),
+    ("quantized_ops", "dict", "quantized conv/linear calls per lowered code: inductor, aoti"),
+    ("quantized_conv_count", "int | None", "quantized convolutions in Inductor's code"),
+    ("quantized_linear_count", "int | None", "quantized linears in Inductor's code"),
+    ("linears_quantized", "int | None", "alias of quantized_linear_count"),
+    ("linears_present", "int", "alias of fp32_linear_layers"),
+    ("quantization_complete", "bool", "every annotated conv/linear runs an int8 kernel"),
+    ("unquantized_layers", "list[str]", "annotated layers left in float by the lowering"),
+    # Latency
+    ("int8_latency_ms", "float", "median ms per batch of the int8 model at latency_batch_size"),
+    ("fp32_latency_ms", "float", "median ms per batch of the fp32 model at latency_batch_size"),
+    ("int8_speedup", "float", "fp32_latency_ms / int8_latency_ms"),
+    ("int8_slower_than_fp32", "bool", "int8_speedup < 1"),
+    ("int8_slower_causes", "list[str]", "checked likely causes when int8 is slower"),
+    ("latency_batch_size", "int", "batch size of the single-batch latency fields (largest)"),
+    ("latency_iters", "int", "timed iterations per model and batch size"),
+    ("latency", "list[dict]", "per batch size: <model>_ms, <model>_images_per_s, speedups"),
+    ("compiled", "bool", "models compiled by Inductor (false: eager)"),
+    ("compile_seconds", "float", "Inductor compile time of int8 and fp32"),
+    ("aoti_build_seconds", "float", "AOTInductor package build time"),
+    # Distributed state
+    ("observer_sync_max_divergence_before", "float", "max relative qparam divergence pre-sync"),
+    ("observer_sync_max_divergence_after", "float", "the same after the final sync (0 = equal)"),
+    ("observer_sync_seconds_total", "float", "time spent syncing statistics"),
+    ("final_state_sha256", "str", "hash of rank 0's final model state"),
+    ("rank_state_sha256", "list[str]", "hash of each rank's final model state"),
+    ("rank_steps", "list[int]", "steps each rank ran"),
+    # Machine
+    ("cpu_model", "str", "CPU model name from /proc/cpuinfo"),
+    ("cpu_int8_capabilities", "dict", "int8 dot-product ISA: avx512_vnni, avx_vnni, amx_int8"),
+    ("threads", "int", "torch threads of the final measurements"),
+    ("torch_version", "str", "torch version"),
+    ("torchao_version", "str", "torchao version"),
+    ("torchvision_version", "str", "torchvision version"),
+    ("python_version", "str", "python version"),
+]
+REPORT_KEYS: dict[str, ReportKey] = {name: ReportKey(name, t, m) for name, t, m in _KEYS}
+
+_CHECKS = {
+    "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "bool": lambda v: isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "dict": lambda v: isinstance(v, dict),
+    "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
+    "list[dict]": lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v),
+}
+
+
+def _type_ok(type_name: str, value: object) -> bool:
+    options = [t.strip() for t in type_name.split("|")]
+    return (value is None and "None" in options) or any(
+        _CHECKS[t](value) for t in options if t != "None"
+    )
+
+
+def report_fields(**fields: object) -> dict:
+    """`fields` as a report dict, each name checked against `REPORT_KEYS` and each value
+    against its type. Raises KeyError naming an unregistered key, TypeError naming a value of
+    the wrong type. The keys and their meanings are listed below (`keys_markdown()`)."""
+    for name, value in fields.items():
+        if name not in REPORT_KEYS:
+            raise KeyError(f"report key {name!r} is not registered in qatdist.report")
+        if not _type_ok(REPORT_KEYS[name].type, value):
+            raise TypeError(
+                f"report key {name!r}: expected {REPORT_KEYS[name].type}, got {value!r}"
+            )
+    return dict(fields)
+
+
+def with_derived(report: dict) -> dict:
+    """`report` (checked) with the keys computed from others, when their inputs are present:
+    qat_gain_over_ptq, int8_drop_vs_fp32, accuracy_budget_met, int8_slower_than_fp32."""
+    report = report_fields(**report)
+    int8, ptq, fp32 = (report.get(k) for k in ("int8_top1", "ptq_int8_top1", "fp32_top1"))
+    if int8 is not None and ptq is not None:
+        report["qat_gain_over_ptq"] = int8 - ptq
+    if int8 is not None and fp32 is not None:
+        report["int8_drop_vs_fp32"] = fp32 - int8
+    budget = report.get("accuracy_budget")
+    if budget is not None and budget >= 0 and "int8_drop_vs_fp32" in report:
+        report["accuracy_budget_met"] = report["int8_drop_vs_fp32"] <= budget
+    if report.get("int8_speedup") is not None:
+        report["int8_slower_than_fp32"] = report["int8_speedup"] < 1.0
+    return report
+
+
+def field(report: dict, name: str) -> object:
+    """`report[name]`, None when absent; `name` must be a registered key."""
+    if name not in REPORT_KEYS:
+        raise KeyError(f"report key {name!r} is not registered in qatdist.report")
+    return report.get(name)
+
+
+def keys_markdown() -> str:
+    """The registry as a Markdown table (key, type, meaning), for the README and docs."""
+    lines = ["| key | type | meaning |", "| --- | --- | --- |"]
+    lines += [f"| `{k.name}` | {k.type} | {k.meaning} |" for k in REPORT_KEYS.values()]
+    return "\n".join(lines)
+
+
+report_fields.__doc__ += "\n\n" + keys_markdown()
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -34,29 +195,107 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+_BASELINES = (
+    ("start_fp32_top1", "fp32, weights as given (before training)"),
+    ("fp32_top1", "fp32, final weights"),
+    ("ptq_int8_top1", "PTQ int8 (no QAT)"),
+    ("int8_top1", "QAT int8"),
+    ("qat_gain_over_ptq", "QAT gain over PTQ"),
+    ("int8_drop_vs_fp32", "int8 drop vs fp32"),
+)
+
+
+def baseline_rows(report: dict) -> list[tuple[str, str]]:
+    """(label, value) of each baseline present: fp32, PTQ int8, QAT int8, gain, drop. Empty
+    when the report has neither fp32_top1 nor ptq_int8_top1 (nothing to compare with)."""
+    if field(report, "fp32_top1") is None and field(report, "ptq_int8_top1") is None:
+        return []
+    rows = []
+    for name, label in _BASELINES:
+        value = field(report, name)
+        if value is not None:
+            signed = name in ("qat_gain_over_ptq", "int8_drop_vs_fp32")
+            rows.append((label, f"{value:+.4f}" if signed else f"{value:.4f}"))
+    return rows
+
+
+def _agreement_sentence(report: dict) -> str:
+    parts = []
+    for label, prefix in (("compiled", "int8_compiled"), ("AOTI", "int8_aoti")):
+        if field(report, f"{prefix}_max_abs_logit_diff") is None:
+            continue
+        parts.append(
+            f"{label} {_fmt(field(report, f'{prefix}_agreement'))} over "
+            f"{_fmt(field(report, f'{prefix}_comparable_samples'))} comparable sample(s), max "
+            f"|logit difference| {_fmt(field(report, f'{prefix}_max_abs_logit_diff'), 6)}"
+        )
+    return (
+        f"Samples: {_fmt(field(report, 'int8_eval_samples'))}. Top-1 agreement with the "
+        "converted model, judged where its top-2 logit margin exceeds the max |logit "
+        f"difference|: {'; '.join(parts) or '-'}."
+    )
+
+
+def _baselines_md(report: dict) -> list[str]:
+    rows = baseline_rows(report)
+    if not rows:
+        return []
+    lines = ["## Baselines (top-1)", "", "| model | top-1 |", "| --- | --- |"]
+    return [*lines, *(f"| {label} | {value} |" for label, value in rows), ""]
+
+
+def _quantized_ops_md(report: dict) -> list[str]:
+    ops = field(report, "quantized_ops") or {}
+    lines = ["## Quantized operators in the lowered model", ""]
+    if ops:
+        lines += [
+            "| lowered code | quantized convolutions | quantized linears |",
+            "| --- | --- | --- |",
+            *(f"| {where} | {c['conv']} | {c['linear']} |" for where, c in ops.items()),
+            "",
+        ]
+    else:
+        lines += ["Not compiled: no lowered code to count.", ""]
+    lines.append(
+        f"The fp32 model has {_fmt(field(report, 'fp32_conv_layers'))} convolution(s) and "
+        f"{_fmt(field(report, 'fp32_linear_layers'))} linear layer(s); the quantizer annotated "
+        f"{_fmt(field(report, 'annotated_conv_layers'))} and "
+        f"{_fmt(field(report, 'annotated_linear_layers'))}."
+    )
+    if field(report, "quantization_complete") is False:
+        names = ", ".join(field(report, "unquantized_layers") or []) or "-"
+        lines.append(f"**Quantization incomplete**: left in float: {names}.")
+    return [*lines, ""]
+
+
+def _isa(capabilities: dict | None) -> str:
+    if capabilities is None:
+        return "-"
+    flags = [k for k, v in capabilities.items() if v is True and k != "int8_dot_product"]
+    return ", ".join(flags) or "none"
+
+
 def markdown(report: dict) -> str:
-    """`report.md`: accuracy, latency/throughput per batch size, quantized op counts, machine."""
+    """`report.md`: baselines, accuracy, latency/throughput per batch size, quantized op
+    counts, machine."""
+    f = lambda name: field(report, name)  # noqa: E731
     lines = [
-        f"# Final int8 report: {report.get('model', '?')}",
+        f"# Final int8 report: {f('model') or '?'}",
         "",
-        f"Checkpoint: `{report.get('checkpoint') or '-'}` (step {report.get('steps', '-')}, "
-        f"{report.get('world_size', '-')} rank(s), global batch "
-        f"{report.get('global_batch_size', '-')}).",
+        f"Checkpoint: `{f('checkpoint') or '-'}` (step {_fmt(f('steps'))}, "
+        f"{_fmt(f('world_size'))} rank(s), global batch {_fmt(f('global_batch_size'))}).",
         "",
+        *_baselines_md(report),
         "## Accuracy (top-1 on the validation shards)",
         "",
         "| model | top-1 |",
         "| --- | --- |",
-        f"| fp32 fake-quant (prepared QAT model) | {_fmt(report.get('fp32_fake_quant_top1'))} |",
-        f"| int8 converted, eager reference | {_fmt(report.get('int8_reference_top1'))} |",
-        f"| int8 compiled (Inductor, freezing) | {_fmt(report.get('int8_top1'))} |",
-        f"| int8 AOTInductor package | {_fmt(report.get('int8_aoti_top1'))} |",
+        f"| fp32 fake-quant (prepared QAT model) | {_fmt(f('fp32_fake_quant_top1'))} |",
+        f"| int8 converted, eager reference | {_fmt(f('int8_reference_top1'))} |",
+        f"| int8 compiled (Inductor, freezing) | {_fmt(f('int8_top1'))} |",
+        f"| int8 AOTInductor package | {_fmt(f('int8_aoti_top1'))} |",
         "",
-        f"Samples: {report.get('int8_eval_samples', '-')}. Top-1 agreement with the converted "
-        f"model: compiled {_fmt(report.get('int8_compiled_agreement'))}, AOTI "
-        f"{_fmt(report.get('int8_aoti_agreement'))}; max |logit difference|: compiled "
-        f"{_fmt(report.get('int8_compiled_max_abs_logit_diff'), 6)}, AOTI "
-        f"{_fmt(report.get('int8_aoti_max_abs_logit_diff'), 6)}.",
+        _agreement_sentence(report),
         "",
         "## Latency (median ms per batch) and throughput (images/s)",
         "",
@@ -64,88 +303,53 @@ def markdown(report: dict) -> str:
         "| fp32 img/s | int8 img/s | int8 AOTI img/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for row in report.get("latency", []):
+    for row in f("latency") or []:
         lines.append(
             f"| {row['batch_size']} | {_fmt(row['fp32_ms'], 3)} | {_fmt(row['int8_ms'], 3)} "
             f"| {_fmt(row.get('int8_aoti_ms'), 3)} | {_fmt(row['int8_speedup'], 2)} "
             f"| {_fmt(row['fp32_images_per_s'], 1)} | {_fmt(row['int8_images_per_s'], 1)} "
             f"| {_fmt(row.get('int8_aoti_images_per_s'), 1)} |"
         )
-    ops = report.get("quantized_ops") or {}
-    lines += ["", "## Quantized operators in the lowered model", ""]
-    if ops:
-        lines += [
-            "| lowered code | quantized convolutions | quantized linears |",
-            "| --- | --- | --- |",
-        ]
-        for where, counts in ops.items():
-            lines.append(f"| {where} | {counts['conv']} | {counts['linear']} |")
-        lines.append("")
-        lines.append(
-            f"The fp32 model has {report.get('fp32_conv_layers', '-')} convolution(s) and "
-            f"{report.get('fp32_linear_layers', '-')} linear layer(s)."
-        )
-    else:
-        lines.append("Not compiled: no lowered code to count.")
+    if f("int8_slower_than_fp32"):
+        causes = "; ".join(f("int8_slower_causes") or []) or "none found"
+        lines += ["", f"**int8 is slower than fp32** at this batch size. Likely causes: {causes}."]
+    lines += ["", *_quantized_ops_md(report)]
     lines += [
-        "",
         "## Machine and versions",
         "",
-        f"- CPU: {report.get('cpu_model', '-')}",
-        f"- torch threads: {report.get('threads', '-')}",
-        f"- torch {report.get('torch_version', '-')}, "
-        f"torchao {report.get('torchao_version', '-')}, "
-        f"torchvision {report.get('torchvision_version', '-')}, "
-        f"python {report.get('python_version', '-')}",
+        f"- CPU: {_fmt(f('cpu_model'))}; int8 instructions: {_isa(f('cpu_int8_capabilities'))}",
+        f"- torch threads: {_fmt(f('threads'))}",
+        f"- torch {_fmt(f('torch_version'))}, torchao {_fmt(f('torchao_version'))}, "
+        f"torchvision {_fmt(f('torchvision_version'))}, python {_fmt(f('python_version'))}",
         "",
     ]
     return "\n".join(lines)
 
 
 def latency_png(path: Path, batch_sizes: list[int], series: dict[str, list[float]]) -> None:
-    """Draw latency (ms, linear axis from 0) against batch size (log2 axis) as a PNG, one line
-    per entry of `series` ({label: latency per batch size})."""
-    width, height = 720, 460
-    left, right, top, bottom = 80, 200, 50, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    font = ImageFont.load_default()
-    plot_w, plot_h = width - left - right, height - top - bottom
+    """Plot latency (ms, from 0) against batch size (log2 axis, the batch sizes as ticks) into
+    a PNG, one line per entry of `series` ({label: latency per batch size})."""
+    # Figure + the Agg canvas directly: no pyplot, so no global backend or display is touched.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, NullLocator
 
-    xs = [math.log2(b) for b in batch_sizes]
-    x_lo, x_hi = min(xs), max(xs)
-    if x_hi == x_lo:
-        x_lo, x_hi = x_lo - 1, x_hi + 1
-    y_hi = max((v for values in series.values() for v in values), default=1.0) * 1.1 or 1.0
-
-    def point(x: float, y: float) -> tuple[float, float]:
-        return (
-            left + (x - x_lo) / (x_hi - x_lo) * plot_w,
-            top + plot_h - y / y_hi * plot_h,
-        )
-
-    draw.text((left, 15), "Latency against batch size (median per batch)", fill="black", font=font)
-    draw.rectangle([left, top, left + plot_w, top + plot_h], outline="black")
-    for b, x in zip(batch_sizes, xs):
-        px, py = point(x, 0)
-        draw.line([px, py, px, py + 5], fill="black")
-        draw.text((px - 6, py + 8), str(b), fill="black", font=font)
-    for i in range(6):
-        value = y_hi * i / 5
-        px, py = point(x_lo, value)
-        draw.line([px - 5, py, px, py], fill="black")
-        draw.text((8, py - 6), f"{value:.2f}", fill="black", font=font)
-    draw.text((left + plot_w // 2 - 40, height - 25), "batch size", fill="black", font=font)
-    draw.text((8, top - 20), "latency (ms)", fill="black", font=font)
-
-    for i, (label, values) in enumerate(series.items()):
-        colour = _COLOURS[i % len(_COLOURS)]
-        points = [point(x, v) for x, v in zip(xs, values)]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=3)
-        for px, py in points:
-            draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
-        ly = top + 10 + 20 * i
-        draw.line([left + plot_w + 15, ly + 6, left + plot_w + 45, ly + 6], fill=colour, width=3)
-        draw.text((left + plot_w + 52, ly), label, fill="black", font=font)
-    image.save(path, format="PNG")
+    figure = Figure(figsize=(7.2, 4.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, values in series.items():
+        axes.plot(batch_sizes, values, marker="o", linewidth=2, label=label)
+    axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_locator(FixedLocator(batch_sizes))
+    axes.xaxis.set_minor_locator(NullLocator())
+    axes.set_xticklabels([str(b) for b in batch_sizes])
+    if len(batch_sizes) == 1:  # one point: give it room on both sides
+        axes.set_xlim(batch_sizes[0] / 2, batch_sizes[0] * 2)
+    axes.set_ylim(bottom=0)
+    axes.set_xlabel("batch size")
+    axes.set_ylabel("latency per batch (ms, median)")
+    axes.set_title("Latency against batch size")
+    axes.grid(True, alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")

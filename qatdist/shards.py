@@ -1,31 +1,191 @@
-"""Writing webdataset shards: the demo generator and `scripts/make_shards.py` both use this.
+"""The webdataset shard format: reading it (for the loaders in qatdist.data) and writing it
+(the demo generator and `scripts/make_shards.py`).
 
 A sample is `<key>.<image ext>` (original image bytes) + `<key>.cls` (ASCII integer label).
-Each shard is written to a hidden temporary name and renamed, so a shard file that exists is
-complete.
+The reader is our own: images are decoded with PIL and labels with `int(text)`, so nothing in a
+shard is ever unpickled. Each shard is written to a hidden temporary name and renamed, so a
+shard file that exists is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-# Extensions the reader (qatdist.data) recognises as the image member of a sample.
+log = logging.getLogger(__name__)
+
+# Extensions the reader recognises as the image member of a sample.
 IMAGE_EXTENSIONS = frozenset(
     {"png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "pnm"}
 )
 LABEL_EXTENSION = "cls"
+_STREAM_PREFIXES = ("pipe:", "http://", "https://")
+# webdataset's key convention: the key is the path up to the first dot of the file name.
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+class DataError(ValueError):
+    """A shard or sample cannot be read; the message names the shard and the sample key."""
 
 
 class ShardError(ValueError):
     """The image folder cannot be turned into shards (missing, empty, unreadable image)."""
+
+
+def is_stream_url(url: str) -> bool:
+    """True for 'pipe:', 'http://' and 'https://' shard URLs (read as a stream, never globbed)."""
+    return url.startswith(_STREAM_PREFIXES)
+
+
+@dataclass
+class RawSample:
+    """One undecoded sample, or (error set) a read failure at that point of a shard."""
+
+    shard: str
+    key: str | None
+    files: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def _open_tar(url: str) -> Iterator[tarfile.TarFile]:
+    if is_stream_url(url):
+        import webdataset as wds
+
+        stream = wds.gopen(url, "rb")
+        try:
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                yield tar
+        finally:
+            stream.close()
+    else:
+        with tarfile.open(url, mode="r:*") as tar:
+            yield tar
+
+
+def _missing_end_marker(tar: tarfile.TarFile, url: str) -> bool:
+    """True when an uncompressed local shard stops without the end-of-archive block, i.e. it
+    was cut at a member boundary (tarfile silently treats that as the end)."""
+    if is_stream_url(url) or not isinstance(tar.fileobj, io.BufferedReader):
+        return False
+    size = os.fstat(tar.fileobj.fileno()).st_size
+    if size < tar.offset + tarfile.BLOCKSIZE:
+        return True
+    tar.fileobj.seek(tar.offset)
+    return tar.fileobj.read(tarfile.BLOCKSIZE) != tarfile.NUL * tarfile.BLOCKSIZE
+
+
+def read_shard(url: str, raise_errors: bool) -> Iterator[RawSample]:
+    """Yield the samples of one shard in order. A read failure raises DataError when
+    `raise_errors`, else ends the shard with an error RawSample (one skipped sample)."""
+    current: RawSample | None = None
+    error = bad_key = None
+    try:
+        with _open_tar(url) as tar:
+            for member in tar:
+                match = _KEY_RE.match(member.name)
+                if not member.isfile() or match is None:
+                    continue
+                key, ext = match.group(1), match.group(2).lower()
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = RawSample(url, key)
+                current.files[ext] = tar.extractfile(member).read()
+            if _missing_end_marker(tar, url):
+                bad_key = current.key if current is not None else None
+                error = (
+                    f"truncated shard {url}: no end-of-archive block after sample key {bad_key!r}"
+                )
+    except (tarfile.TarError, OSError, EOFError) as e:
+        # The sample being read when the shard broke is the bad one.
+        bad_key = current.key if current is not None else None
+        current = None
+        where = f"in sample key {bad_key!r}" if bad_key is not None else "before the first sample"
+        error = f"truncated or unreadable shard {url} {where}: {e}"
+    if current is not None:
+        yield current
+    if error is not None:
+        if raise_errors:
+            raise DataError(error)
+        yield RawSample(url, bad_key, error=error)
+
+
+def _label_and_image_ext(raw: RawSample, num_classes: int) -> tuple[int, str]:
+    where = f"shard {raw.shard}, sample key {raw.key!r}"
+    if raw.error is not None:
+        raise DataError(raw.error)
+    image_ext = next((e for e in raw.files if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
+    if image_ext is None:
+        raise DataError(f"{where}: no image member (members: {sorted(raw.files)})")
+    if LABEL_EXTENSION not in raw.files:
+        raise DataError(f"{where}: missing label (.{LABEL_EXTENSION} member)")
+    text = raw.files[LABEL_EXTENSION]
+    try:
+        label = int(text.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise DataError(f"{where}: label {text[:32]!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} outside [0, {num_classes})")
+    return label, image_ext
+
+
+def decode_sample(raw: RawSample, num_classes: int, image_size: int) -> tuple[Image.Image, int]:
+    """(RGB image, label) of a sample, or DataError naming shard and key."""
+    label, image_ext = _label_and_image_ext(raw, num_classes)
+    try:
+        img = Image.open(io.BytesIO(raw.files[image_ext]))
+        # JPEG can decode at a reduced scale that is still >= the size we need: much faster.
+        img.draft("RGB", (image_size, image_size))
+        img = img.convert("RGB")
+    except Exception as e:  # PIL raises many types for bad bytes; all mean "undecodable".
+        # UnidentifiedImageError's message holds the BytesIO's address; keep messages stable.
+        reason = "unknown image format" if isinstance(e, UnidentifiedImageError) else e
+        raise DataError(
+            f"shard {raw.shard}, sample key {raw.key!r}: cannot decode .{image_ext} image: {reason}"
+        ) from None
+    return img, label
+
+
+def count_shard(url: str) -> int:
+    """Samples with an image and a label member, from member names only. A shard that breaks
+    off counts the samples before the break (the reader skips or raises at that point)."""
+    count = 0
+    key, exts = None, set()
+
+    def complete() -> bool:
+        image = any(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
+        return image and LABEL_EXTENSION in exts
+
+    try:
+        with _open_tar(url) as tar:
+            size = None
+            if isinstance(tar.fileobj, io.BufferedReader) and not is_stream_url(url):
+                size = os.fstat(tar.fileobj.fileno()).st_size
+            for member in tar:
+                match = _KEY_RE.match(member.name)
+                if not member.isfile() or match is None:
+                    continue
+                if size is not None and member.offset_data + member.size > size:
+                    raise tarfile.ReadError("unexpected end of data")
+                if match.group(1) != key:
+                    count += complete()
+                    key, exts = match.group(1), set()
+                exts.add(match.group(2).lower())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("shard %s is unreadable after key %r (%s); counting up to there", url, key, e)
+    return count + complete()
 
 
 def shard_pattern(out_dir: str | Path, prefix: str, count: int) -> str:

@@ -32,22 +32,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
 
-    from qatdist import data  # heavy imports only once the config is valid
-    from qatdist.checkpoint import Checkpointer, CheckpointError
+    from qatdist import data, demo, transforms  # heavy imports only once the config is valid
+    from qatdist.checkpoint import CheckpointError, find_complete
     from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
     from qatdist.monitor import setup_logging
-    from qatdist.trainer import Trainer, place_this_rank
+    from qatdist.runfolder import RunFolder
+    from qatdist.topology import place_this_rank
+    from qatdist.trainer import Trainer
 
     env = env_from_torchrun()
     setup_logging(env.rank)
     try:
-        data.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer per folder
+        demo.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer
         data.check_shards(cfg.data, env.world_size)
+        transforms.check_transform(cfg.data)  # a bad data.transform stops here
         if cfg.checkpoint.resume_from:  # an unusable folder stops here, before any set-up
             try:
-                Checkpointer(
-                    cfg.run.out_dir, cfg.checkpoint, rank=env.rank, world_size=env.world_size
-                ).resolve_resume(cfg.checkpoint.resume_from)
+                find_complete(RunFolder(cfg.run.out_dir).checkpoints, cfg.checkpoint.resume_from)
             except CheckpointError as e:
                 raise config.ConfigError(f"checkpoint.resume_from: {e}") from None
     except config.ConfigError as e:

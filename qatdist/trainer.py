@@ -1,6 +1,6 @@
 """The QAT trainer: one loop for every world size.
 
-Set-up (placement, data, capture, QAT preparation, DDP), the training loop with the QAT
+Set-up (data, the QAT model, DDP, checkpoints, monitor), the training loop with the QAT
 schedule and statistics sync, evaluation, and rank 0's final convert / compile / report.
 """
 
@@ -8,98 +8,46 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import math
 import time
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchao
 
 from qatdist import data, topology
-from qatdist.checkpoint import Checkpointer, CheckpointError, restore_rng_state
-from qatdist.config import Config, ConfigError, RuntimeConfig, to_toml
+from qatdist.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    find_complete,
+    read_checkpoint,
+    restore_rng_state,
+)
+from qatdist.config import Config, ConfigError, to_toml
 from qatdist.distributed import (
     DistEnv,
     all_gather_object,
     broadcast_object,
     wrap_ddp,
 )
-from qatdist.evaluate import count_correct, distributed_top1, preserved_rng
+from qatdist.evaluate import count_correct, distributed_top1
 from qatdist.finalize import finalize
-from qatdist.models import build_model
 from qatdist.monitor import Monitor
-from qatdist.quant import schedule
-from qatdist.quant.capture import capture
-from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.prepare import prepare_qat
-from qatdist.quant.sync import SyncStats, sync_quant_stats
-
-
-def build_optimizer(params, cfg: Config) -> torch.optim.Optimizer:
-    """SGD or AdamW with the fused CPU kernels: one vectorized pass per parameter (resnet18's
-    SGD step: 6 ms instead of 18 ms on one core), which every DDP rank pays in full."""
-    o = cfg.optim
-    if o.name == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.train.lr,
-            momentum=o.momentum,
-            weight_decay=o.weight_decay,
-            nesterov=o.momentum > 0,
-            fused=True,
-        )
-    return torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=o.weight_decay, fused=True)
-
-
-def warmup_cosine(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to `min_ratio` at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def state_sha256(state: dict[str, torch.Tensor]) -> str:
-    """Hash of every tensor of a state dict, in key order: equal states, equal hashes."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().contiguous().cpu()
-        digest.update(key.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def place_this_rank(cfg: RuntimeConfig, env: DistEnv) -> dict:
-    """Pin this rank to its share of the node (or, with pinning off, only set its thread count).
-    Runs before the process group starts so gloo's threads and memory land on the rank's node.
-    Returns what `topology.apply` recorded, plus `node_cpus`: the cores of the rank's NUMA
-    node(s), where rank 0 runs the final compile and benchmark."""
-    placement = topology.local_placement(
-        env.local_rank,
-        env.local_world_size,
-        use_smt=cfg.use_smt,
-        loader_cores=cfg.loader_cores,
-        explicit_cores=cfg.cores,
-        threads=cfg.threads,
-    )
-    node_cpus = topology.node_cpus(placement, use_smt=cfg.use_smt)
-    return {**topology.apply(placement, pin=cfg.pinning == "auto"), "node_cpus": node_cpus}
+from qatdist.optim import build_optimizer, build_scheduler
+from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
+from qatdist.runfolder import RunFolder
+from qatdist.step import train_step
 
 
 class Trainer:
     """Distributed PT2E QAT of one model. `train()` runs the schedule, `finish()` the end."""
 
-    def __init__(self, cfg: Config, env: DistEnv, placement: dict):
+    def __init__(self, cfg: Config, env: DistEnv, placement: topology.AppliedPlacement):
         self.cfg, self.env = cfg, env
-        self.out_dir = Path(cfg.run.out_dir)
+        self.run = RunFolder(cfg.run.out_dir)
         self.placement = placement
-        pinned = placement["pinning"] == "on"
-        self.loader_cpus = placement["placement"]["loader_cpus"] if pinned else None
+        self.loader_cpus = placement.placement.loader_cpus if placement.pinning else None
+        # CPU preflight: recorded in topology.json; rank 0 warns when int8 has no fast path.
+        self.cpu_int8_capabilities = topology.cpu_int8_preflight() if env.is_rank0 else None
 
         global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = cfg.train.steps_per_epoch or (
@@ -113,26 +61,19 @@ class Trainer:
             )
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.fp32_model = build_model(cfg.model, cfg.data.num_classes)
-        size = cfg.data.image_size
-        example = torch.randn(2, 3, size, size)
-        self.model = prepare_qat(capture(self.fp32_model, example), cfg.quant)
-        torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
-        self.ddp = wrap_ddp(self.model, cfg.runtime.grad_compression)
-        self.optimizer = build_optimizer(self.model.parameters(), cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            functools.partial(
-                warmup_cosine,
-                warmup=cfg.optim.warmup_steps,
-                total=self.total_steps,
-                min_ratio=cfg.optim.min_lr_ratio,
-            ),
+        # The same seed on every rank: identical initial weights.
+        self.qat = QatModel.build(
+            cfg.model,
+            cfg.quant,
+            num_classes=cfg.data.num_classes,
+            image_size=cfg.data.image_size,
+            seed=cfg.train.seed,
         )
+        torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
+        self.ddp = wrap_ddp(self.qat.prepared, cfg.runtime.grad_compression)
+        self.optimizer = build_optimizer(self.qat.parameters(), cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.step = 0
-        self.phase = schedule.phase_at(0, cfg.quant)
-        schedule.apply_phase(self.model, self.phase)
         self.sync_seconds = 0.0
         self.first_sync_since_step: tuple[int, SyncStats] | None = None
         self.train_seconds = 0.0
@@ -141,11 +82,12 @@ class Trainer:
         self.skipped_samples = 0  # bad samples this rank skipped (data.on_error='skip')
         self.resumed_from_step: int | None = None
         self.checkpointer = Checkpointer(
-            self.out_dir, cfg.checkpoint, rank=env.rank, world_size=env.world_size
+            self.run.root, cfg.checkpoint, rank=env.rank, world_size=env.world_size
         )
+        self.checkpointer.remove_leftovers()  # rank 0 only: this run is the folder's one writer
 
         self.monitor = Monitor(
-            self.out_dir,
+            self.run.root,
             cfg.log,
             enabled=env.is_rank0,
             total_steps=self.total_steps,
@@ -154,8 +96,8 @@ class Trainer:
         )
         self.monitor.watch_ddp(self.ddp)
         if env.is_rank0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "resolved_config.toml").write_text(to_toml(cfg))
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            self.run.resolved_config.write_text(to_toml(cfg))
             self.monitor.text("config/resolved", "```\n" + to_toml(cfg) + "\n```")
         self._write_topology()
         self._resume()
@@ -171,7 +113,7 @@ class Trainer:
         """The checkpoint parts: model (a plain state dict of the prepared model), optimizer,
         LR scheduler, and the train state (step, QAT phase, data position, config)."""
         return {
-            "model": self.model.state_dict(),
+            "model": self.qat.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "train_state": {
@@ -179,7 +121,7 @@ class Trainer:
                 "epoch": self.step // self.steps_per_epoch,
                 "step_in_epoch": self.step % self.steps_per_epoch,
                 "steps_per_epoch": self.steps_per_epoch,
-                "phase": dataclasses.asdict(self.phase),
+                "phase": dataclasses.asdict(self.qat.phase),
                 "eval_history": self.history,
                 "skipped_samples": self.skipped_samples,
                 "config": self.cfg.to_dict(),
@@ -194,14 +136,13 @@ class Trainer:
                 f"{self.steps_per_epoch}: the data position would not match (keep "
                 "train.batch_size, train.steps_per_epoch and the shards of the original run)"
             )
-        self.model.load_state_dict(parts["model"])
+        self.qat.load_state_dict(parts["model"])
         self.optimizer.load_state_dict(parts["optimizer"])
         self.scheduler.load_state_dict(parts["scheduler"])
         self.step = train_state["step"]
         self.history = list(train_state["eval_history"])
         self.skipped_samples = train_state.get("skipped_samples", 0)  # older checkpoints lack it
-        self.phase = schedule.QatPhase(**train_state["phase"])
-        schedule.apply_phase(self.model, self.phase)
+        self.qat.set_phase(QatPhase(**train_state["phase"]))
         restore_rng_state(parts["rng"])
 
     def _resume(self) -> None:
@@ -209,12 +150,14 @@ class Trainer:
         chooses, so every rank loads the same folder."""
         folder = None
         if self.env.is_rank0:
-            found = self.checkpointer.resolve_resume(self.cfg.checkpoint.resume_from)
+            found = find_complete(self.checkpointer.root, self.cfg.checkpoint.resume_from)
             folder = str(found) if found else None
         folder = broadcast_object(folder)
         if folder is None:
             return
-        self.load_state_dict(self.checkpointer.load(Path(folder)))
+        self.load_state_dict(
+            read_checkpoint(folder, rank=self.env.rank, world_size=self.env.world_size)
+        )
         self.resumed_from_step = self.step
         self.monitor.info(f"resumed from {folder} at step {self.step}")
 
@@ -228,10 +171,13 @@ class Trainer:
             self.monitor.info(f"checkpoint {folder}")
 
     def _write_topology(self) -> None:
-        records = all_gather_object({"global_rank": self.env.rank, **self.placement})
+        record = {"global_rank": self.env.rank, **self.placement.to_dict()}
+        if self.cpu_int8_capabilities is not None:
+            record["cpu_int8_capabilities"] = self.cpu_int8_capabilities
+        records = all_gather_object(record)
         if self.env.is_rank0:
             text = json.dumps(records, indent=2)
-            (self.out_dir / "topology.json").write_text(text)
+            self.run.topology.write_text(text)
             self.monitor.text("config/placement", "```\n" + text + "\n```")
 
     def _worker_init(self):
@@ -265,7 +211,9 @@ class Trainer:
         for batch in self.monitor.timed(batches):
             self._advance_phase()
             step_start = time.perf_counter()
-            loss = self.train_step(batch.images, batch.labels)
+            loss, self.last_correct = train_step(
+                self.ddp, self.optimizer, self.scheduler, batch.images, batch.labels
+            )
             self.train_seconds += time.perf_counter() - step_start
             self.step += 1
             self.skipped_samples += batch.skipped
@@ -281,42 +229,29 @@ class Trainer:
                 correct=self.last_correct,
                 samples=len(batch.labels),
                 lr=self.scheduler.get_last_lr()[0],
-                model=self.model,
+                model=self.qat.prepared,
             )
-
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimizer step on this rank's batch; returns the local loss (and keeps the
-        batch's correct top-1 count in `last_correct`)."""
-        logits = self.ddp(images)
-        loss = F.cross_entropy(logits, labels)
-        self.last_correct = int((logits.detach().argmax(dim=1) == labels).sum())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        return loss.item()
 
     def _advance_phase(self) -> None:
         """Apply the QAT schedule for the current step; statistics are synced before observers
         freeze, so the frozen qparams are the global batch's on every rank."""
-        phase = schedule.phase_at(self.step, self.cfg.quant)
-        if phase == self.phase:
+        phase = phase_at(self.step, self.cfg.quant)
+        if phase == self.qat.phase:
             return
-        if phase.observers_frozen and not self.phase.observers_frozen:
+        if phase.observers_frozen and not self.qat.phase.observers_frozen:
             self.sync()
-        schedule.apply_phase(self.model, phase)
+        self.qat.set_phase(phase)
         self.monitor.info(f"step {self.step}: QAT phase {phase}")
-        self.phase = phase
 
     def sync(self) -> SyncStats:
         """Make observer, fake-quant and BatchNorm statistics identical on every rank."""
-        stats = sync_quant_stats(self.model)
+        stats = self.qat.sync()
         if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
             # Later syncs at the same step (evaluation, checkpoint) find nothing to do; the
             # report's divergence comes from the first one after training stopped.
             self.first_sync_since_step = (self.step, stats)
         self.sync_seconds += stats.seconds
-        self.monitor.on_sync(stats.seconds, self.step, self.model)
+        self.monitor.on_sync(stats.seconds, self.step, self.qat.prepared)
         return stats
 
     # --- evaluation ---------------------------------------------------------------------
@@ -334,15 +269,11 @@ class Trainer:
         ranks. Observers are paused and RNG states restored: training continues unchanged."""
         self.sync()
         batch_size = self.cfg.runtime.latency_batch_size
-        with preserved_rng():
-            schedule.to_eval(self.model)
-            schedule.apply_phase(self.model, _observing_off(self.phase))
-            fq_top1 = distributed_top1(*count_correct(self.model, self._val_batches(batch_size)))
+        with self.qat.evaluating() as model:
+            fq_top1 = distributed_top1(*count_correct(model, self._val_batches(batch_size)))
             int8_top1 = distributed_top1(
-                *count_correct(convert_to_int8(self.model), self._val_batches(batch_size))
+                *count_correct(self.qat.to_int8(), self._val_batches(batch_size))
             )
-            schedule.apply_phase(self.model, self.phase)
-            schedule.to_train(self.model, self.phase)
         result = {"step": self.step, "fake_quant_top1": fq_top1, "int8_top1": int8_top1}
         if epoch is not None:
             result["epoch"] = epoch
@@ -359,21 +290,25 @@ class Trainer:
     def finish(self) -> dict | None:
         """Final sync and evaluation on all ranks; rank 0 converts, compiles, measures and
         writes `final/`. Returns the report on rank 0, None elsewhere."""
-        cfg = self.cfg
         if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
             self.sync()
-        final_sync = self.first_sync_since_step[1]
-        batch_size = cfg.runtime.latency_batch_size
-        with preserved_rng():
-            schedule.to_eval(self.model)
-            schedule.apply_phase(self.model, _observing_off(self.phase))
-            fq_top1 = distributed_top1(*count_correct(self.model, self._val_batches(batch_size)))
-        ranks = all_gather_object(
-            (state_sha256(self.model.state_dict()), self.step, self.skipped_samples)
-        )
+        # Eval mode and paused observers through the state hashes, conversion and measures.
+        with self.qat.evaluating() as model:
+            batches = self._val_batches(self.cfg.runtime.latency_batch_size)
+            fq_top1 = distributed_top1(*count_correct(model, batches))
+            report = self._training_report(fq_top1)
+            if not self.env.is_rank0:
+                return None
+            return self._finalize(report)
+
+    def _training_report(self, fq_top1: float) -> dict:
+        """The report fields only training knows (collective: gathers every rank's state hash,
+        step count and skipped samples)."""
+        cfg, final_sync = self.cfg, self.first_sync_since_step[1]
+        ranks = all_gather_object((self.qat.state_sha256(), self.step, self.skipped_samples))
         hashes = [sha for sha, _, _ in ranks]
         global_batch = cfg.train.batch_size * self.env.world_size
-        report = {
+        return {
             "model": cfg.model.name,
             "world_size": self.env.world_size,
             "global_batch_size": global_batch,
@@ -398,44 +333,39 @@ class Trainer:
             "torch_version": torch.__version__,
             "torchao_version": torchao.__version__,
         }
-        if not self.env.is_rank0:
-            return None
-        if self.placement["pinning"] == "on" and self.placement["node_cpus"]:
+
+    def _finalize(self, report: dict) -> dict:
+        """Rank 0: convert, compile, measure and write `final/` (report.json among it)."""
+        cfg, r = self.cfg, self.cfg.runtime
+        if self.placement.pinning and self.placement.node_cpus:
             # The other ranks are done: rank 0 takes its whole node for compile and benchmark.
-            topology.widen(self.placement["node_cpus"])
+            topology.widen(self.placement.node_cpus)
         self.monitor.info(
             f"converting to int8, compiling and measuring (rank 0, {torch.get_num_threads()} "
             "threads)"
         )
-        r = cfg.runtime
-        # finalize writes report.json; the AOTInductor package (about a minute to build for
-        # resnet18 on 2 cores) is left to scripts/export_final.py, which runs this same step.
+        # The AOTInductor package (about a minute to build for resnet18 on 2 cores) is left to
+        # scripts/export_final.py, which runs this same step.
         report = finalize(
-            self.model,
-            self.fp32_model,
+            self.qat.prepared,
+            self.qat.fp32_model,
             lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
             image_size=cfg.data.image_size,
             batch_sizes=[r.latency_batch_size],
             latency_iters=r.latency_iters,
-            out_dir=self.out_dir / "final",
+            out_dir=self.run.final,
             compile_model=r.compile_final,
             aoti=False,
             report=report,
         )
         self.monitor.final(report, cfg)
         self.monitor.info(
-            f"done: fake-quant top-1 {fq_top1:.4f}, int8 top-1 {report['int8_top1']:.4f}, "
-            f"int8 {report['int8_latency_ms']:.2f} ms vs fp32 {report['fp32_latency_ms']:.2f} ms "
-            f"(x{report['int8_speedup']:.2f}) -> {self.out_dir / 'final'}"
+            f"done: fake-quant top-1 {report['fp32_fake_quant_top1']:.4f}, int8 top-1 "
+            f"{report['int8_top1']:.4f}, int8 {report['int8_latency_ms']:.2f} ms vs fp32 "
+            f"{report['fp32_latency_ms']:.2f} ms (x{report['int8_speedup']:.2f}) -> "
+            f"{self.run.final}"
         )
         return report
 
     def close(self) -> None:
         self.monitor.close()
-
-
-def _observing_off(phase: schedule.QatPhase) -> schedule.QatPhase:
-    """The same phase with observers paused: evaluation must not update statistics."""
-    return schedule.QatPhase(
-        fake_quant_on=phase.fake_quant_on, observers_frozen=True, bn_frozen=phase.bn_frozen
-    )

@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qatdist.export import ExportError, export_run  # heavy imports after argument checks
+    from qatdist.runfolder import RunFolder
 
     try:
         report = export_run(
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"export_final.py: error: {e}", file=sys.stderr)
         return 2
-    out = args.out or args.run_dir / "final"
+    out = args.out or RunFolder(args.run_dir).final
     print(
         f"{report['model']} step {report['steps']}: int8 top-1 {report['int8_top1']:.4f} "
         f"(fake-quant {report['fp32_fake_quant_top1']:.4f}), AOTI agreement "

@@ -25,6 +25,9 @@ from qatdist.checkpoint import (
     Checkpointer,
     CheckpointError,
     capture_rng_state,
+    find_complete,
+    read_checkpoint,
+    read_model_state,
     restore_rng_state,
 )
 from qatdist.config import CheckpointConfig
@@ -223,7 +226,11 @@ def test_writer_killed_mid_save_leaves_previous_checkpoint(tmp_path, kill_at):
     assert not (root / "step-2").exists()
     assert ck.latest() == first
 
-    restarted = checkpointer(tmp_path)  # a new run cleans the killed writer's folder
+    restarted = checkpointer(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == sorted(["step-1", *leftovers])  # untouched
+    checkpointer(tmp_path, rank=1, world_size=2).remove_leftovers()  # not rank 0: a no-op
+    assert sorted(p.name for p in root.iterdir()) == sorted(["step-1", *leftovers])
+    restarted.remove_leftovers()  # a new run's rank 0 cleans the killed writer's folder
     assert [p.name for p in root.iterdir()] == ["step-1"]
     assert save_tiny(restarted, 2) == root / "step-2"
     assert restarted.latest() == root / "step-2"
@@ -250,7 +257,10 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path, damage):
     with pytest.raises(CheckpointError, match=r"step-2/model\.pt"):
         ck.load(newest)
     with pytest.raises(CheckpointError, match=r"step-2/model\.pt"):
-        ck.resolve_resume(str(newest))
+        find_complete(ck.root, str(newest))
+    with pytest.raises(CheckpointError, match=r"step-2/model\.pt"):
+        read_model_state(newest)
+    assert read_model_state(first).keys() == ck.load(first)["model"].keys()
     assert set(ck.load(first)) >= {"model", "rng"}
 
 
@@ -286,7 +296,9 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, writer):
         data = pickle.dumps(payload, protocol=2)
     rewrite_with_manifest(folder, "model.pt", data)
 
-    assert ck.resolve_resume(str(folder)) == folder  # hashes match: it is not corruption
+    assert find_complete(ck.root, folder) == folder  # hashes match: it is not corruption
+    with pytest.raises(CheckpointError, match=r"step-1/model\.pt: refused"):
+        read_model_state(folder)
     with pytest.raises(CheckpointError, match=r"step-1/model\.pt: refused") as info:
         ck.load(folder)
     assert "posix.system" in str(info.value)
@@ -310,18 +322,38 @@ def test_world_size_mismatch_is_refused(tmp_path):
         two_ranks.load(folder)
 
 
-def test_resolve_resume(tmp_path):
+def test_find_complete(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert find_complete(root) is None  # no folder yet
     ck = checkpointer(tmp_path)
-    assert ck.resolve_resume("") is None
     first = save_tiny(ck, 1)
     newest = save_tiny(ck, 2)
-    assert ck.resolve_resume("") == newest
-    assert ck.resolve_resume(str(first)) == first
+    assert find_complete(root) == newest
+    assert find_complete(root, "") == newest
+    assert find_complete(root, str(first)) == first
     with pytest.raises(CheckpointError, match="does not exist"):
-        ck.resolve_resume(str(tmp_path / "nowhere"))
+        find_complete(root, str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match=r"empty/manifest\.json: missing"):
-        ck.resolve_resume(str(tmp_path / "empty"))
+        find_complete(root, tmp_path / "empty")
+
+
+def test_reading_writes_nothing(tmp_path):
+    """Constructing a Checkpointer and every read-only call leave the folder as it was, even
+    a temporary folder that may belong to a run still writing."""
+    ck = checkpointer(tmp_path)
+    folder = save_tiny(ck, 1)
+    root = tmp_path / "checkpoints"
+    in_progress = root / ".tmp-step-2-12345"
+    in_progress.mkdir()
+    (in_progress / "model.pt").write_bytes(b"partial")
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    checkpointer(tmp_path)
+    assert find_complete(root) == folder
+    read_checkpoint(folder, rank=0, world_size=1)
+    read_model_state(folder)
+    after = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*"))
+    assert after == before
 
 
 def test_disabled_checkpointer_writes_nothing(tmp_path):

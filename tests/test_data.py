@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from qatdist import data, demo
+from qatdist import config, data, demo
 from qatdist.config import ConfigError, DataConfig
 from qatdist.data import DataError
 
@@ -284,32 +286,88 @@ def test_demo_mean_colour_does_not_identify_the_class() -> None:
     assert class_means.std(axis=0).max() < 0.35 * means.std(axis=0).min()
 
 
-def test_ensure_demo_shards_writes_once_and_matches(tmp_path: Path) -> None:
-    cfg = DataConfig(
-        train_shards=str(tmp_path / "demo/train-{000000..000003}.tar"),
-        val_shards=str(tmp_path / "demo/val-*.tar"),
-        image_size=SIZE,
-        generate_demo=True,
-        demo_train_per_class=2,
-        demo_val_per_class=1,
-    )
-    assert data.ensure_demo_shards(cfg, seed=0)
+def demo_cfg(**kw) -> DataConfig:
+    """The demo's own patterns (relative to the working directory), small and fast."""
+    args = {
+        "train_shards": demo.DEMO_SHARDS["train_shards"],
+        "val_shards": demo.DEMO_SHARDS["val_shards"],
+        "image_size": SIZE,
+        "generate_demo": True,
+        "demo_train_per_class": 2,
+        "demo_val_per_class": 1,
+    }
+    return DataConfig(**(args | kw))
+
+
+def test_ensure_demo_shards_writes_once_and_matches(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = demo_cfg()
+    folder = tmp_path / "data" / "demo"
+    assert demo.ensure_demo_shards(cfg, seed=0)
     assert data.count_samples(cfg.train_shards) == 20
     assert data.count_samples(cfg.val_shards) == 10
-    assert len(list((tmp_path / "demo").glob("val-*.tar"))) == data.DEMO_DEFAULT_SHARDS["val"]
-    assert not any(p.name.startswith(".") for p in (tmp_path / "demo").iterdir())
-    assert not data.ensure_demo_shards(cfg, seed=0)
+    assert len(list(folder.glob("train-*.tar"))) == 8 and len(list(folder.glob("val-*.tar"))) == 2
+    assert not any(p.name.startswith(".") for p in folder.iterdir())
+    assert not demo.ensure_demo_shards(cfg, seed=0)
     data.check_shards(cfg, world_size=2)
     labels = torch.cat(
         [b.labels for b in data.val_batches(cfg, batch_size=4, rank=0, world_size=1)]
     )
     assert sorted(labels.tolist()) == list(range(10))
-    # Only the missing split is rewritten.
-    for p in (tmp_path / "demo").glob("val-*.tar"):
-        p.unlink()
-    train_mtime = (tmp_path / "demo/train-000000.tar").stat().st_mtime_ns
-    assert data.ensure_demo_shards(cfg, seed=0)
+    # Only the split with a missing file is rewritten.
+    (folder / "val-000001.tar").unlink()
+    train_mtime = (folder / "train-000000.tar").stat().st_mtime_ns
+    assert demo.ensure_demo_shards(cfg, seed=0)
     assert data.count_samples(cfg.val_shards) == 10
-    assert (tmp_path / "demo/train-000000.tar").stat().st_mtime_ns == train_mtime
-    off = DataConfig(train_shards=str(tmp_path / "x-{0..1}.tar"), val_shards="y.tar")
-    assert not data.ensure_demo_shards(off, seed=0)
+    assert (folder / "train-000000.tar").stat().st_mtime_ns == train_mtime
+    for p in folder.glob("val-*.tar"):
+        p.unlink()
+    assert not demo.ensure_demo_shards(demo_cfg(generate_demo=False), seed=0)
+    assert not list(folder.glob("val-*.tar"))
+
+
+def test_demo_generator_never_writes_to_a_pattern_the_user_typed(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    typed = str(tmp_path / "mine" / "train-{000000..000007}.tar")
+    relative_lookalike = "data/demo/train-{000000..000003}.tar"
+    for pattern in (typed, relative_lookalike, "data/demo/train-*.tar"):
+        cfg = demo_cfg(train_shards=pattern, val_shards=pattern.replace("train", "val"))
+        assert not demo.ensure_demo_shards(cfg, seed=0)
+        with pytest.raises(ConfigError, match="data.train_shards: .*matches no shard files"):
+            data.check_shards(cfg, world_size=1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_shards_are_a_config_error_naming_the_pattern(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = str(tmp_path / "nowhere" / "x-{000..003}.tar")
+    with pytest.raises(ConfigError, match=r"data.train_shards: .*nowhere/x-\{000\.\.003\}"):
+        config.load(None, {"data": {"train_shards": missing}})  # default config: generate_demo on
+    config.load(None, {})  # the demo's own patterns may be missing: the run writes them
+    with pytest.raises(ConfigError, match=r"data.train_shards: .*generate_demo=true writes"):
+        config.load(None, {"data": {"generate_demo": False}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_with_missing_shard_folder_fails_before_any_process_group(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    pattern = f"{missing}/x-{{000..003}}.tar"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qatdist.train",
+            f"--data.train_shards={pattern}",
+            f"--run.out_dir={tmp_path / 'run'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"data.train_shards: expected a pattern matching shard files, got '{pattern}'" in (
+        result.stderr
+    )
+    assert "process group" not in result.stderr.lower()
+    assert list(tmp_path.iterdir()) == []  # no shard folder, no demo, no run folder

@@ -43,6 +43,16 @@ def test_exit_zero_and_report(run):
     assert report["int8_speedup"] == pytest.approx(
         report["fp32_latency_ms"] / report["int8_latency_ms"]
     )
+    assert report["int8_slower_than_fp32"] is (report["int8_speedup"] < 1)
+    assert report["quantization_complete"] is True and report["unquantized_layers"] == []
+    assert isinstance(report["cpu_int8_capabilities"], dict)
+
+
+def test_report_keys_are_registered(run):
+    from qatdist.report import REPORT_KEYS, report_fields
+
+    assert set(run["report"]) <= set(REPORT_KEYS)
+    report_fields(**run["report"])  # every value has its registered type
 
 
 def test_final_weights_identical_on_both_ranks(run):

@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT, tiny_run_args
 
-from qatdist.topology import parse_cpulist
+from qatdist.topology import cpu_int8_capabilities, parse_cpulist
 
 
 def test_two_rank_run_pins_disjoint_cores(two_rank_run):
@@ -23,6 +23,9 @@ def test_two_rank_run_pins_disjoint_cores(two_rank_run):
             record["placement"]["cpus"]
         )
         assert record["torch_threads"] == record["placement"]["threads"]
+    # CPU preflight: rank 0 records the CPU's int8 instructions, as this machine reports them.
+    assert records[0]["cpu_int8_capabilities"] == cpu_int8_capabilities()
+    assert "cpu_int8_capabilities" not in records[1]
 
 
 def _free_port() -> int:

@@ -10,6 +10,7 @@ import pty
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -52,7 +53,7 @@ def _log_steps(run) -> list[int]:
 
 
 def test_train_tags_follow_the_schedule(run):
-    from qatdist.trainer import warmup_cosine
+    from qatdist.optim import warmup_cosine
 
     steps = _log_steps(run)
     loss, top1, lr = (_series(run, f"train/{k}") for k in ("loss", "top1", "lr"))
@@ -195,12 +196,10 @@ class _Tiny(torch.nn.Module):
 @pytest.fixture(scope="module")
 def tiny_prepared():
     from qatdist.config import QuantConfig
-    from qatdist.quant.capture import capture
-    from qatdist.quant.prepare import prepare_qat
+    from qatdist.quant import QatModel
 
     torch.manual_seed(0)
-    model = _Tiny()
-    gm = prepare_qat(capture(model, torch.randn(2, 3, 8, 8)), QuantConfig())
+    gm = QatModel.from_fp32(_Tiny(), QuantConfig(), image_size=8).prepared
     for _ in range(3):
         gm(torch.randn(4, 3, 8, 8))
     return gm
@@ -351,3 +350,74 @@ def test_plain_lines_when_not_a_terminal():
         for s, eta in ((1, "0:01"), (2, "0:01"), (3, "0:00"), (4, "0:00"))
     ]
     assert "after the bar" in result.stderr
+
+
+# --- ETA and the end of a run -------------------------------------------------------------------
+
+
+def test_eta_rate_leaves_out_one_time_and_outlier_steps():
+    from qatdist.monitor import StepRate
+
+    rate = StepRate()
+    assert rate.seconds_per_step() is None
+    rate.add(30.0, one_time=True)  # first step: warm-up
+    rate.add(0.5)
+    rate.add(0.7)
+    assert rate.seconds_per_step() == pytest.approx(0.6)
+    rate.add(40.0)  # fake quant switches on: kernels compile, nobody flagged it
+    rate.add(0.5)
+    assert rate.seconds_per_step() == pytest.approx(0.5667, abs=1e-4)
+    rate.add(12.0, one_time=True)  # flagged phase change
+    assert rate.seconds_per_step() == pytest.approx(0.5667, abs=1e-4)
+    steady_but_uneven = StepRate()
+    for seconds in (1.0, 1.0, 2.5):  # a sync step every third step is a real, recurring cost
+        steady_but_uneven.add(seconds)
+    assert steady_but_uneven.seconds_per_step() == pytest.approx(1.5)
+
+
+def test_eta_ignores_the_compile_at_the_phase_switch(capsys):
+    from qatdist.config import LogConfig
+    from qatdist.monitor import Monitor
+
+    m = Monitor(Path("."), LogConfig(tensorboard=False), enabled=True, total_steps=100)
+    m.is_tty = False
+    for step, seconds in enumerate([20.0, 1.0, 1.0, 1.0, 60.0, 1.0], start=1):
+        m.rate.add(seconds, one_time=step == 1)
+    window_mean = 61.0 / 2  # steps 5 and 6, the log window
+    m.progress(step=6, epoch=0, loss=1.0, images_per_s=1.0, step_s=window_mean)
+    assert capsys.readouterr().out.strip().endswith("eta 1:34")  # 94 steps x 1 s
+
+
+def test_final_prints_baselines_and_writes_them_to_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qatdist.config import Config, LogConfig
+    from qatdist.monitor import Monitor
+    from qatdist.report import with_derived
+
+    report = with_derived(
+        {
+            "steps": 8,
+            "world_size": 2,
+            "global_batch_size": 16,
+            "fp32_fake_quant_top1": 0.5,
+            "int8_top1": 0.62,
+            "fp32_top1": 0.65,
+            "ptq_int8_top1": 0.55,
+            "int8_latency_ms": 1.0,
+            "fp32_latency_ms": 2.0,
+            "int8_speedup": 2.0,
+            "train_images_per_s": 10.0,
+        }
+    )
+    m = Monitor(tmp_path, LogConfig(tensorboard=True), enabled=True, total_steps=8)
+    m.final(report, Config())
+    m.close()
+    out = capsys.readouterr().out
+    assert "baselines (top-1 on the validation shards):" in out
+    for text in ("fp32, final weights  0.6500", "PTQ int8 (no QAT)", "+0.0700", "+0.0300"):
+        assert text in out
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance=SIZE_GUIDANCE)
+    acc.Reload()
+    for key in ("fp32_top1", "ptq_int8_top1", "int8_top1"):
+        assert acc.Scalars(f"final/{key}")[-1].value == pytest.approx(report[key])

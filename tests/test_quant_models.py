@@ -5,11 +5,15 @@ import copy
 import pytest
 import torch
 import torchvision
+from torch._inductor.utils import run_and_get_code
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from qatdist.config import ConfigError, QuantConfig
+from qatdist.evaluate import agreement_where_decided
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
+from qatdist.quant.inspect import annotated_layers, count_quantized_ops
+from qatdist.quant.model import QatModel
 from qatdist.quant.prepare import build_quantizer, prepare_qat
 
 
@@ -48,7 +52,7 @@ def test_unknown_fp32_module_type_is_an_error():
 def test_mobilenet_v3_prepares_trains_converts_and_compiles():
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v3_large(num_classes=10)
-    prepared = prepare_qat(capture(model, torch.randn(2, 3, 32, 32)), QuantConfig())
+    prepared = QatModel.from_fp32(model, QuantConfig(), image_size=32).prepared
     optimizer = torch.optim.SGD(prepared.parameters(), lr=0.01)
     images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     before = copy.deepcopy(prepared.state_dict())
@@ -64,10 +68,16 @@ def test_mobilenet_v3_prepares_trains_converts_and_compiles():
     assert any("quantize_per_tensor" in t for t in targets)
     with torch.no_grad():
         eager = int8(images)
-        compiled = compile_for_inference(int8)(images)
-    assert compiled.shape == (8, 10)
-    # Compiled int8 kernels and the reference q/dq graph round differently; predictions agree.
-    assert (compiled.argmax(1) == eager.argmax(1)).float().mean() >= 0.75
+        compiled, codes = run_and_get_code(compile_for_inference(int8), images)
+    assert compiled.shape == (8, 10) and torch.isfinite(compiled).all()
+    # Every convolution and linear the quantizer annotated runs an int8 kernel.
+    annotated = annotated_layers(prepared)
+    assert count_quantized_ops("\n".join(codes)) == {k: len(v) for k, v in annotated.items()}
+    # Compiled int8 kernels and the reference q/dq graph round differently (by CPU vendor too),
+    # and this 2-step model's logits are near ties: argmaxes are compared only where the
+    # reference's top-2 margin exceeds the logit difference (possibly none here).
+    agree, comparable = agreement_where_decided(eager, compiled)
+    assert agree == comparable
 
 
 def test_skipping_absent_conv_types_converts_identically():
@@ -87,7 +97,7 @@ def test_skipping_absent_conv_types_converts_identically():
         torch.nn.Flatten(),
         torch.nn.Linear(8, 4),
     )
-    prepared = prepare_qat(capture(model, torch.randn(2, 3, 12, 12)), QuantConfig())
+    prepared = QatModel.from_fp32(model, QuantConfig(), image_size=12).prepared
     for _ in range(2):
         prepared(torch.randn(4, 3, 12, 12))
     fast = convert_to_int8(prepared)

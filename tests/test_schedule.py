@@ -13,9 +13,7 @@ from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from qatdist.config import QuantConfig
-from qatdist.quant import schedule
-from qatdist.quant.capture import capture
-from qatdist.quant.prepare import prepare_qat
+from qatdist.quant import QatModel, capture, schedule
 from qatdist.quant.schedule import QatPhase
 from qatdist.quant.sync import quant_buffers
 
@@ -53,7 +51,7 @@ def _threads():
 @functools.cache
 def _template(dropout: float) -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    return prepare_qat(capture(TinyNet(dropout), EXAMPLE), QuantConfig())
+    return QatModel.from_fp32(TinyNet(dropout), QuantConfig(), image_size=16).prepared
 
 
 def _prepared(dropout: float = 0.2) -> torch.fx.GraphModule:
@@ -216,7 +214,7 @@ def test_fake_quant_off_is_the_fp32_graph():
     torch.manual_seed(0)
     net = TinyNet()
     fp32 = capture(net, EXAMPLE)
-    model = prepare_qat(capture(net, EXAMPLE), QuantConfig())
+    model = QatModel.from_fp32(net, QuantConfig(), image_size=16).prepared
     schedule.to_eval(model)
     schedule.to_eval(fp32)  # torchao's switch alone would give bn3 eps 1e-5 here
     net.eval()

@@ -18,8 +18,7 @@ from torchao.quantization.pt2e.fake_quantize import FakeQuantize, FakeQuantizeBa
 from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from qatdist.config import QuantConfig
-from qatdist.quant.capture import capture
-from qatdist.quant.prepare import prepare_qat
+from qatdist.quant import QatModel
 from qatdist.quant.sync import SyncStats, quant_buffers, sync_quant_stats
 
 WORLD = 2
@@ -63,7 +62,7 @@ class MinMaxHolder(nn.Module):
 
 def _prepared(blocks: int = 2) -> torch.fx.GraphModule:
     torch.manual_seed(0)  # identical weights on every rank
-    return prepare_qat(capture(TinyNet(blocks), torch.randn(2, 3, 16, 16)), QuantConfig())
+    return QatModel.from_fp32(TinyNet(blocks), QuantConfig(), image_size=16).prepared
 
 
 def _rank_batches(rank: int, n: int = 3) -> list[torch.Tensor]:

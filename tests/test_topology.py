@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -10,9 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from qatdist.topology import (
     RankPlacement,
+    cpu_int8_capabilities,
+    cpu_int8_preflight,
     discover,
     format_cpulist,
     parse_cpulist,
@@ -288,14 +292,19 @@ def test_apply_pins_this_process():
     script = textwrap.dedent(
         """
         import json, os
-        from qatdist.topology import apply, local_placement, pin_loader_worker
+        from qatdist.topology import AppliedPlacement, apply, local_placement, pin_loader_worker
         p = local_placement(0, 1, loader_cores=0)
         before = sorted(os.sched_getaffinity(0))
         off = apply(p, pin=False)
         on = apply(p)
+        assert isinstance(on, AppliedPlacement) and on.placement is p, type(on)
+        typed = {"pinning": [off.pinning, on.pinning], "kernel_cpus": on.kernel_cpus,
+                 "affinity": on.applied.affinity, "membind": on.applied.membind,
+                 "torch_threads": on.torch_threads}
         pin_loader_worker(p.cpus[-1:])
         import torch
-        print(json.dumps({"plan": p.to_dict(), "off": off, "on": on, "before": before,
+        print(json.dumps({"plan": p.to_dict(), "off": off.to_dict(), "on": on.to_dict(),
+                          "typed": typed, "before": before,
                           "worker": [sorted(os.sched_getaffinity(0)), torch.get_num_threads()]}))
         """
     )
@@ -304,7 +313,7 @@ def test_apply_pins_this_process():
     )
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    plan_, on, off = res["plan"], res["on"], res["off"]
+    plan_, on, off, typed = res["plan"], res["on"], res["off"], res["typed"]
     assert plan_["cpus"] == sorted(os.sched_getaffinity(0))
     assert parse_cpulist(on["kernel_cpus_allowed_list"]) == plan_["cpus"]
     assert on["applied"]["affinity"] and on["torch_threads"] == plan_["threads"]
@@ -312,7 +321,112 @@ def test_apply_pins_this_process():
     assert on["applied"]["membind"] == (on["membind_status"] == "bound")
     assert set(parse_cpulist(on["kernel_mems_allowed_list"])) >= set(plan_["membind"])
     assert on["env"]["OMP_NUM_THREADS"] == str(plan_["threads"])
-    json.dumps(on)
     assert off["pinning"] == "off" and not off["applied"]["affinity"]
     assert parse_cpulist(off["kernel_cpus_allowed_list"]) == res["before"]
     assert res["worker"] == [plan_["cpus"][-1:], 1]
+    # The typed fields say what the JSON record says.
+    assert typed == {
+        "pinning": [False, True],
+        "kernel_cpus": plan_["cpus"],
+        "affinity": True,
+        "membind": on["applied"]["membind"],
+        "torch_threads": plan_["threads"],
+    }
+    # topology.json's record keeps its key names; node_cpus is empty from apply alone.
+    assert set(on) == set(TOPOLOGY_RECORD_KEYS)
+    assert set(on["applied"]) == {"affinity", "membind", "omp_env", "torch_threads"}
+    assert set(on["env"]) == {"OMP_NUM_THREADS", "removed"} and on["node_cpus"] == []
+
+
+TOPOLOGY_RECORD_KEYS = (
+    "placement",
+    "pinning",
+    "applied",
+    "membind_status",
+    "env",
+    "warnings",
+    "kernel_cpus_allowed_list",
+    "kernel_mems_allowed_list",
+    "torch_threads",
+    "node_cpus",
+)
+
+
+def test_place_this_rank_returns_the_applied_placement_with_node_cpus():
+    script = textwrap.dedent(
+        """
+        import json, os
+        from qatdist.config import RuntimeConfig
+        from qatdist.distributed import DistEnv
+        from qatdist.topology import node_cpus, local_placement, place_this_rank
+        before = sorted(os.sched_getaffinity(0))
+        expected = node_cpus(local_placement(0, 1))
+        cfg = RuntimeConfig(pinning="off")
+        got = place_this_rank(cfg, DistEnv(0, 1, 0, 1, 0))
+        print(json.dumps({"record": got.to_dict(), "expected": expected, "before": before,
+                          "pinning": got.pinning, "node_cpus": got.node_cpus}))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["pinning"] is False and res["record"]["pinning"] == "off"
+    assert res["node_cpus"] == res["expected"] == res["record"]["node_cpus"]
+    assert set(res["node_cpus"]) <= set(res["before"]) and res["node_cpus"]
+    # Pinning off: the process keeps its whole allowed set.
+    assert parse_cpulist(res["record"]["kernel_cpus_allowed_list"]) == res["before"]
+    assert set(res["record"]) == set(TOPOLOGY_RECORD_KEYS)
+
+
+def fake_cpuinfo(path: Path, flags_per_cpu: list[str], model: str = "Fake CPU") -> str:
+    """A /proc/cpuinfo with one block per processor, each with its `flags` line."""
+    blocks = [
+        f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: {model}\n"
+        f"flags\t\t: fpu sse sse2 avx avx2 fma {flags}\n"
+        for i, flags in enumerate(flags_per_cpu)
+    ]
+    path.write_text("\n".join(blocks))
+    return str(path)
+
+
+def test_cpu_int8_capabilities_avx512_vnni(tmp_path):
+    path = fake_cpuinfo(tmp_path / "cpuinfo", ["avx512f avx512_vnni"] * 2, model="Xeon X")
+    caps = cpu_int8_capabilities(path)
+    assert caps["avx512_vnni"] and caps["int8_dot_product"]
+    assert not caps["amx_int8"] and not caps["amx_tile"] and not caps["avx_vnni"]
+    assert not caps["avx512_bf16"] and caps["cpu_model"] == "Xeon X"
+    assert caps["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    json.dumps(caps)
+
+
+def test_cpu_int8_capabilities_amx_int8(tmp_path):
+    path = fake_cpuinfo(tmp_path / "cpuinfo", ["amx_tile amx_int8 amx_bf16 avx512_bf16"])
+    caps = cpu_int8_capabilities(path)
+    assert caps["amx_int8"] and caps["amx_tile"] and caps["avx512_bf16"]
+    assert caps["int8_dot_product"] and not caps["avx512_vnni"]
+
+
+def test_cpu_without_int8_dot_product_warns(tmp_path, caplog):
+    # One processor lacking the flag is enough: a rank may run on it.
+    path = fake_cpuinfo(tmp_path / "cpuinfo", ["avx_vnni", "avx512_bf16"])
+    caps = cpu_int8_capabilities(path)
+    assert not any(caps[f] for f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile"))
+    assert caps["int8_dot_product"] is False
+    with caplog.at_level(logging.WARNING, logger="qatdist.topology"):
+        assert cpu_int8_preflight(path) == caps
+    assert "no faster than fp32" in caplog.text and "avx512_vnni" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qatdist.topology"):
+        cpu_int8_preflight(fake_cpuinfo(tmp_path / "vnni", ["avx512_vnni"]))
+    assert caplog.text == ""
+
+
+def test_cpu_int8_capabilities_errors_name_the_file(tmp_path):
+    with pytest.raises(OSError, match="missing"):
+        cpu_int8_capabilities(str(tmp_path / "missing"))
+    (tmp_path / "empty").write_text("processor\t: 0\n")
+    with pytest.raises(ValueError, match="no 'flags' line in .*empty"):
+        cpu_int8_capabilities(str(tmp_path / "empty"))

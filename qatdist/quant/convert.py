@@ -8,6 +8,7 @@ import torch
 import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers int8 lowerings
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+from qatdist.quant.batchnorm import fold_with_model_bn_eps
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.schedule import to_eval
 
@@ -17,7 +18,7 @@ def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
 
     Works on a deep copy: the prepared model keeps training unchanged.
     """
-    with only_present_conv_types():
+    with only_present_conv_types(), fold_with_model_bn_eps(prepared):
         converted = convert_pt2e(copy.deepcopy(prepared))
     to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
     return converted

@@ -13,12 +13,18 @@ the graph module. `quant_points` maps each to what it quantizes, from the graph:
 `summarize` reads each point's scale / zero point and, for weights, fake-quantizes the weight
 as the forward does (the folded weight, the module's current qparams) and measures the
 signal-to-quantization-noise ratio against the fp32 weight. Reading does not change the model.
+
+Coverage: `annotated_layers` lists the convolutions / linears the quantizer gave a weight fake
+quant (layers kept fp32 by config have none), `float_layers` those of a converted graph whose
+weight is not dequantized from int8, `count_quantized_ops` the int8 kernel calls in generated
+code.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -220,3 +226,56 @@ def points_table(points: list[QuantPoint]) -> str:
     for p in points:
         lines.append(f"| {p.module} | {p.kind} | {p.layer} | {p.observes} | {', '.join(p.feeds)} |")
     return "\n".join(lines)
+
+
+# Calls of the oneDNN int8 kernels in Inductor's Python wrapper (`torch.ops.onednn.qconv_...(`)
+# and in AOTInductor's C++ wrapper (`aoti_torch_cpu__qconv_...(`), as torch 2.14 writes them:
+# qconv_pointwise, qconv2d_pointwise.binary (conv + add), qlinear_pointwise(.binary).
+_QUANTIZED_CALL = re.compile(
+    r"(?:torch\.ops\.onednn\.|aoti_torch_cpu__)q(conv|linear)\w*(?:\.\w+)?\("
+)
+_LAYER_OP = re.compile(r"^aten\.(conv|linear)")
+
+
+def count_quantized_ops(code: str) -> dict[str, int]:
+    """Quantized convolution and linear kernel calls in generated (Python or C++) code."""
+    counts = {"conv": 0, "linear": 0}
+    for match in _QUANTIZED_CALL.finditer(code):
+        counts[match.group(1)] += 1
+    return counts
+
+
+def _layer_nodes(gm: torch.fx.GraphModule):
+    """(kind "conv" | "linear", node, module path) of every aten convolution / linear call."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2:
+            continue
+        match = _LAYER_OP.match(str(node.target))
+        if match:
+            yield match.group(1), node, _module_path(node) or node.name
+
+
+def annotated_layers(prepared: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """{"conv": names, "linear": names} of the layers of a prepared model whose weight passes
+    through a fake quant: what the quantizer annotated (fp32-kept layers are absent)."""
+    out: dict[str, list[str]] = {"conv": [], "linear": []}
+    for kind, node, name in _layer_nodes(prepared):
+        weight = node.args[1]
+        if (
+            isinstance(weight, torch.fx.Node)
+            and weight.op == "call_module"
+            and isinstance(prepared.get_submodule(weight.target), FakeQuantizeBase)
+        ):
+            out[kind].append(name)
+    return out
+
+
+def float_layers(converted: torch.fx.GraphModule) -> list[str]:
+    """Names of the convolutions / linears of a converted model whose weight is not
+    dequantized from int8 (they run in float, whatever the lowering does)."""
+    names = []
+    for _, node, name in _layer_nodes(converted):
+        weight = node.args[1]
+        if not (isinstance(weight, torch.fx.Node) and "dequantize" in str(weight.target)):
+            names.append(name)
+    return names

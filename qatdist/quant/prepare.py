@@ -12,7 +12,10 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ConfigError, QuantConfig
+from qatdist.quant.attention import attribute_attention_projections
+from qatdist.quant.batchnorm import bn_literals, restore_bn_literals
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.fast_annotate import fast_sequential_partitions
 from qatdist.quant.fast_fake_quant import use_fast_fake_quant
 
 
@@ -42,10 +45,18 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
     `prepare_qat_pt2e`'s conv-BN rewrite then indexes that empty map and fails with IndexError
     (torchao 0.18). Dropping those empty annotations leaves the nodes unannotated, which means
     the same thing: no observers, the layer runs in fp32.
+
+    Annotation uses the fast sequential-partition search (same result, see `fast_annotate`), and
+    MultiheadAttention's projections are annotated like any linear (see `attention`).
     """
 
+    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        attribute_attention_projections(model)
+        return super().transform_for_annotation(model)
+
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        model = super().annotate(model)
+        with fast_sequential_partitions():
+            model = super().annotate(model)
         for node in model.graph.nodes:
             annotation = node.meta.get("quantization_annotation")
             if (
@@ -70,9 +81,11 @@ def build_quantizer(cfg: QuantConfig) -> X86InductorQuantizer:
 
 def prepare_qat(graph_module: torch.fx.GraphModule, cfg: QuantConfig) -> torch.fx.GraphModule:
     """Insert fake-quant/observer modules for QAT into a captured graph module (with
-    vectorized kernels when `cfg.fast_fake_quant`)."""
+    vectorized kernels when `cfg.fast_fake_quant`); BatchNorm keeps the model's eps/momentum."""
+    model_bn = bn_literals(graph_module)
     with only_present_conv_types():
         prepared = prepare_qat_pt2e(graph_module, build_quantizer(cfg))
+    restore_bn_literals(prepared, model_bn)  # the conv-BN rewrite reset them to 1e-5/0.1
     if cfg.fast_fake_quant:
         use_fast_fake_quant(prepared)
     return prepared

@@ -1,0 +1,27 @@
+"""Quantization-aware training with PT2E on x86: the package's front door.
+
+`QatModel` owns a model's QAT life (build, capture, prepare, phases, eval, sync, convert); the
+modules behind it: `capture` (torch.export), `prepare` (X86InductorQuantizer, prepare_qat_pt2e),
+`schedule` (QAT phases, train/eval switches), `sync` (cross-rank statistics), `convert` (int8
+and Inductor compile).
+"""
+
+from qatdist.quant.capture import capture
+from qatdist.quant.convert import compile_for_inference, convert_to_int8
+from qatdist.quant.model import QatModel, state_sha256
+from qatdist.quant.prepare import prepare_qat
+from qatdist.quant.schedule import QatPhase, phase_at
+from qatdist.quant.sync import SyncStats, sync_quant_stats
+
+__all__ = [
+    "QatModel",
+    "QatPhase",
+    "SyncStats",
+    "capture",
+    "compile_for_inference",
+    "convert_to_int8",
+    "phase_at",
+    "prepare_qat",
+    "state_sha256",
+    "sync_quant_stats",
+]

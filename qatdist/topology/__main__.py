@@ -1,0 +1,5 @@
+import sys
+
+from qatdist.topology.cli import main
+
+sys.exit(main())

@@ -1,0 +1,285 @@
+"""Accuracy budget search (issue 15): a model with one quantization-hostile layer misses the
+budget in full int8; the search ranks that layer first, keeps it in fp32 and meets the budget,
+on one rank and split over 2 real gloo ranks.
+
+The hostile layer: conv1 emits a constant 1e4 channel (zero weights, bias 1e4) that conv2
+ignores (zero weights). In float that changes nothing; quantized, conv2's per-tensor input scale
+becomes 1e4/255, every real activation rounds to 0 and the int8 model predicts one class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+from torchao.quantization.pt2e.fake_quantize import disable_fake_quant, enable_fake_quant
+
+from qatdist.config import QuantConfig
+from qatdist.quant.accuracy import (
+    BudgetResult,
+    SensitivityRow,
+    full_val_top1,
+    greedy_order,
+    meet_accuracy_budget,
+)
+from qatdist.quant.capture import capture
+from qatdist.quant.convert import convert_to_int8
+from qatdist.quant.layer_error import layer_sqnr_db, make_rebuilder, quantized_layer_taps
+from qatdist.quant.prepare import prepare_qat
+
+CLASSES, SIZE, SPIKE = 4, 16, 1e4
+LAYERS = ["conv1", "conv2", "conv3", "fc"]
+
+
+class HostileNet(nn.Module):
+    """conv-ReLU x3, pool, linear; `hostile` convs get a spike channel in their input."""
+
+    def __init__(self, hostile: tuple[str, ...]):
+        super().__init__()
+        self.hostile = hostile
+        self.conv1 = nn.Conv2d(3, 9, 3, padding=1)
+        self.conv2 = nn.Conv2d(9, 9, 3, padding=1)
+        self.conv3 = nn.Conv2d(9, 8, 3, padding=1)
+        self.fc = nn.Linear(8, CLASSES)
+        self.masks = {}
+        with torch.no_grad():
+            for producer, consumer in (("conv1", "conv2"), ("conv2", "conv3")):
+                if consumer not in hostile:
+                    continue
+                prod, cons = getattr(self, producer), getattr(self, consumer)
+                prod.weight[8].zero_()
+                prod.bias[8] = SPIKE
+                cons.weight[:, 8].zero_()
+                self._freeze(prod.weight, (8,))
+                self._freeze(prod.bias, (8,))
+                self._freeze(cons.weight, (slice(None), 8))
+
+    def _freeze(self, param: torch.Tensor, index: tuple) -> None:
+        mask = torch.ones_like(param)
+        mask[index] = 0
+        param.register_hook(lambda grad: grad * mask)  # the spike path stays exactly as set
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _dataset(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # class = a colour (a corner of the RGB cube): separable after global pooling
+    colours = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1], [1, 1, 1]])
+    templates = colours[:, :, None, None].expand(CLASSES, 3, SIZE, SIZE)
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=gen)
+    images = templates[labels] + 0.8 * torch.randn(n, 3, SIZE, SIZE, generator=gen)
+    return images, labels
+
+
+def _batches(images, labels, size: int = 50):
+    return [(images[i : i + size], labels[i : i + size]) for i in range(0, len(images), size)]
+
+
+def trained_state(hostile: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Float training to a clear accuracy on the synthetic task (about 1 s)."""
+    torch.manual_seed(0)
+    model = HostileNet(hostile)
+    images, labels = _dataset(400, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        for x, y in _batches(images, labels, 40):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.state_dict()
+
+
+def setup(state: dict, hostile: tuple[str, ...], **quant) -> dict:
+    """Prepared model with calibrated observers, and the search's inputs."""
+    cfg = dataclasses.replace(QuantConfig(max_accuracy_drop=0.05), **quant)
+    model = HostileNet(hostile)
+    model.load_state_dict(state)
+    example = torch.randn(2, 3, SIZE, SIZE)
+    prepared = prepare_qat(capture(model, example), cfg)
+    train_images, _ = _dataset(400, seed=1)
+    # Observers calibrated on float activations (fake quant off, as before QAT's fake-quant
+    # start): calibrated through a broken conv2, conv3's input range would stay broken when conv2
+    # goes float, and only fine-tuning (quant.fallback_finetune_steps) could repair it.
+    prepared.apply(disable_fake_quant)
+    with torch.no_grad():
+        for x in train_images.split(100):
+            prepared(x)
+    prepared.apply(enable_fake_quant)
+    val = _batches(*_dataset(200, seed=2))
+    return {
+        "prepared": prepared,
+        "quant_cfg": cfg,
+        "rebuild": make_rebuilder(model, example, cfg),
+        "evaluate": full_val_top1(lambda: val),
+        "calibration_batches": [x for x, _ in val[:2]],
+        "latency_cost": lambda candidate, baseline: 0.25,  # no Inductor compile in tests
+    }
+
+
+@pytest.fixture(scope="module")
+def one_hostile_state():
+    return trained_state(("conv2",))
+
+
+def test_full_int8_misses_budget_and_search_keeps_hostile_layer_in_float(one_hostile_state):
+    inputs = setup(one_hostile_state, ("conv2",), sensitivity_candidates=2)
+    result = meet_accuracy_budget(**inputs)
+    assert result.fp32_top1 > 0.9, "the float model must be clearly accurate"
+    assert result.fp32_top1 - result.initial_int8_top1 > 0.3, "full int8 must miss the budget"
+    assert [row.layer for row in result.sensitivity][0] == "conv2"
+    assert sorted(row.layer for row in result.sensitivity) == LAYERS
+    assert result.accuracy_budget_met
+    assert result.fp32_fallback_layers == ["conv2"]
+    assert result.fp32_top1 - result.int8_top1 <= 0.05
+    assert result.candidates_evaluated_per_rank == [2]
+    measured = [r for r in result.sensitivity if r.top1_gain_when_float is not None]
+    assert len(measured) == 2 and all(r.latency_cost_ms == 0.25 for r in measured)
+    gain = {r.layer: r.top1_gain_when_float for r in measured}
+    assert gain["conv2"] == max(gain.values()) and gain["conv2"] > 0.3
+    # the returned model is the one measured: conv2 is no longer quantized, others still are
+    int8 = convert_to_int8(result.model)
+    assert inputs["evaluate"](int8) == result.int8_top1
+    assert set(layer_sqnr_db(result.model, inputs["calibration_batches"])) == set(LAYERS) - {
+        "conv2"
+    }
+    report = result.to_report()
+    assert set(report) == {
+        "accuracy_budget",
+        "accuracy_budget_met",
+        "fp32_fallback_layers",
+        "sensitivity",
+        "int8_top1",
+        "fp32_top1",
+        "candidates_evaluated_per_rank",
+    }
+    assert set(report["sensitivity"][0]) == {
+        "layer",
+        "sqnr_db",
+        "top1_gain_when_float",
+        "latency_cost_ms",
+    }
+    json.dumps(report)  # finite numbers only
+
+
+def test_rebuild_without_fp32_layers_reproduces_the_int8_model(one_hostile_state):
+    inputs = setup(one_hostile_state, ("conv2",))
+    prepared = inputs["prepared"]
+    rebuilt = inputs["rebuild"](prepared, [])
+    x = inputs["calibration_batches"][0]
+    assert torch.equal(convert_to_int8(prepared)(x), convert_to_int8(rebuilt)(x))
+
+
+def test_rebuild_carries_state_over_conv_bn_fusion():
+    """With BatchNorm, QAT's conv-BN rewrite creates the weight observers' inputs: the rebuilt
+    model finds each one (same output with no layer in fp32) and drops the float layer's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, CLASSES),
+    )
+    example = torch.randn(2, 3, SIZE, SIZE)
+    cfg = QuantConfig()
+    prepared = prepare_qat(capture(model, example), cfg)
+    for x in torch.randn(3, 16, 3, SIZE, SIZE):
+        prepared(x)  # moves weights' and activations' statistics away from their initial state
+    rebuild = make_rebuilder(model, example, cfg)
+    x = torch.randn(8, 3, SIZE, SIZE)
+    reference = convert_to_int8(prepared)(x)
+    assert torch.equal(convert_to_int8(rebuild(prepared, []))(x), reference)
+    assert set(quantized_layer_taps(rebuild(prepared, ["3"]))) == {"0", "8"}
+
+
+def test_budget_already_met_searches_nothing(one_hostile_state):
+    inputs = setup(one_hostile_state, ("conv2",), max_accuracy_drop=1.0)
+    result = meet_accuracy_budget(**inputs)
+    assert result.accuracy_budget_met and result.fp32_fallback_layers == []
+    assert result.candidates_evaluated_per_rank == [0]
+    assert result.model is inputs["prepared"]
+
+
+def test_unmeetable_budget_ends_with_best_model_found():
+    """Two hostile layers, only one candidate measured: fixing it alone cannot meet the
+    budget; with both candidates the greedy search keeps both in float and meets it."""
+    state = trained_state(("conv2", "conv3"))
+    calls = []
+    result = meet_accuracy_budget(
+        **setup(state, ("conv2", "conv3"), sensitivity_candidates=1, fallback_finetune_steps=2),
+        finetune=lambda model, steps: calls.append(steps),
+    )
+    assert not result.accuracy_budget_met
+    assert result.int8_top1 >= result.initial_int8_top1
+    assert result.fp32_top1 - result.int8_top1 > 0.05
+    assert isinstance(result.model, torch.fx.GraphModule)
+    assert calls == [2]  # fine-tuned once, after its one change
+    both = meet_accuracy_budget(**setup(state, ("conv2", "conv3"), sensitivity_candidates=2))
+    assert both.accuracy_budget_met
+    assert sorted(both.fp32_fallback_layers) == ["conv2", "conv3"]
+
+
+def test_greedy_order_prefers_cheap_layers_when_gains_tie():
+    rows = [
+        SensitivityRow("a", 1.0, 0.100, 0.9),
+        SensitivityRow("b", 2.0, 0.099, 0.1),
+        SensitivityRow("c", 3.0, 0.300, 5.0),
+        SensitivityRow("d", 4.0, None, None),
+    ]
+    assert [r.layer for r in greedy_order(rows, gain_tolerance=0.002)] == ["c", "b", "a"]
+    assert [r.layer for r in greedy_order(rows, gain_tolerance=0.0)] == ["c", "a", "b"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, tmp: str, state: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        result: BudgetResult = meet_accuracy_budget(
+            **setup(state, ("conv2",), sensitivity_candidates=2)
+        )
+        with open(f"{tmp}/rank{rank}.json", "w") as f:
+            json.dump(result.to_report(), f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_split_candidates_and_agree(one_hostile_state, tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), one_hostile_state), nprocs=2)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert reports[0] == reports[1]
+    report = reports[0]
+    assert [row["layer"] for row in report["sensitivity"]][0] == "conv2"
+    assert report["candidates_evaluated_per_rank"] == [1, 1]
+    assert report["accuracy_budget_met"] and report["fp32_fallback_layers"] == ["conv2"]
+    measured = [r for r in report["sensitivity"] if r["top1_gain_when_float"] is not None]
+    assert len(measured) == 2
