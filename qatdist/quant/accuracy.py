@@ -96,7 +96,7 @@ class CompiledLatencyCost:
     (freezing) and timed side by side on `example` (median of `iters`). The all-int8 model is
     compiled once per object it is given."""
 
-    def __init__(self, example: torch.Tensor, iters: int = 5):
+    def __init__(self, example: torch.Tensor, iters: int = 20):
         self.example, self.iters = example, iters
         self._baseline: tuple[torch.fx.GraphModule, Callable] | None = None
 

@@ -122,9 +122,9 @@ class QatModel:
 
     def to_int8(self) -> torch.fx.GraphModule:
         """A converted int8 (quantize/dequantize pattern) copy in eval mode; this model is left
-        as it was."""
-        with self.evaluating():
-            return convert_to_int8(self.prepared)
+        as it was. Converted in the current mode: from train mode, the conv-BN fold also drops
+        the BatchNorm tensors, which a conversion in eval mode leaves behind unused."""
+        return convert_to_int8(self.prepared)
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.prepared.parameters()

@@ -37,9 +37,7 @@ def ptq_quantization_config():
     activation = dataclasses.replace(
         default.input_activation, observer_or_fake_quant_ctr=MinMaxObserver.with_args(eps=2**-12)
     )
-    return dataclasses.replace(
-        default, input_activation=activation, output_activation=activation
-    )
+    return dataclasses.replace(default, input_activation=activation, output_activation=activation)
 
 
 def float_weights(prepared_state: dict[str, torch.Tensor], fp32_model: torch.nn.Module) -> dict:
