@@ -7,11 +7,16 @@ rank waits in a collective that another rank skipped.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
+
+from qatdist.quant.sync import quant_buffers
+
+log = logging.getLogger("qatdist")
 
 
 class NonFiniteError(RuntimeError):
@@ -32,7 +37,9 @@ class NonFiniteGuard:
     """Decides after each backward whether the optimizer may step (`train.on_nonfinite`).
 
     `policy="stop"`: the first non-finite step raises NonFiniteError. `policy="skip"`: the
-    step's update is skipped on every rank and counted; `max_consecutive` skips in a row raise.
+    step's update is skipped on every rank and counted, and the observer, fake-quant and
+    BatchNorm statistics its forward changed are put back (`before_step` saves them: a few
+    thousand numbers), so a skipped step leaves no trace; `max_consecutive` skips in a row raise.
     """
 
     def __init__(self, policy: str, max_consecutive: int):
@@ -42,6 +49,18 @@ class NonFiniteGuard:
         self.max_consecutive = max_consecutive
         self.skipped_steps = 0
         self.consecutive = 0
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def before_step(self, model: torch.nn.Module) -> None:
+        """With `policy="skip"`, remember the statistics the coming forward will update."""
+        if self.policy == "skip":
+            self._saved = [(t, t.clone()) for t in quant_buffers(model).values()]
+
+    def _restore_statistics(self) -> None:
+        for live, saved in self._saved:
+            if live.shape != saved.shape:  # a per-channel observer sized on first observation
+                live.resize_(saved.shape)
+            live.copy_(saved)
 
     def step_is_finite(self, loss: float, params: Iterable[torch.nn.Parameter]) -> bool:
         """True when the loss of every rank and the gradients are finite (a collective)."""
@@ -57,20 +76,30 @@ class NonFiniteGuard:
         loss: float,
         lr: float,
         params: Iterable[torch.nn.Parameter],
-        last_checkpoint: str | None,
+        last_checkpoint: Callable[[], object],
     ) -> bool:
-        """Whether to apply this step's update; raises NonFiniteError when the run must stop."""
+        """Whether to apply this step's update; raises NonFiniteError when the run must stop.
+        `last_checkpoint()` names the newest complete checkpoint (only asked on failure)."""
         if self.step_is_finite(loss, params):
             self.consecutive = 0
             return True
-        where = f"last complete checkpoint: {last_checkpoint or 'none'}"
+        where = f"last complete checkpoint: {last_checkpoint() or 'none'}"
         if self.policy == "stop":
             raise NonFiniteError(
-                f"non-finite loss or gradient at step {step} (this rank's loss {loss}, lr {lr:.6g}); "
-                f"stopping (train.on_nonfinite='stop'); {where}"
+                f"non-finite loss or gradient at step {step} (this rank's loss {loss}, "
+                f"lr {lr:.6g}); stopping (train.on_nonfinite='stop'); {where}"
             )
+        self._restore_statistics()
         self.skipped_steps += 1
         self.consecutive += 1
+        log.warning(
+            "non-finite loss or gradient at step %d (this rank's loss %s): update skipped "
+            "(%d skipped so far, %d in a row)",
+            step,
+            loss,
+            self.skipped_steps,
+            self.consecutive,
+        )
         if self.consecutive >= self.max_consecutive:
             raise NonFiniteError(
                 f"{self.consecutive} consecutive non-finite steps up to step {step} (this rank's "

@@ -34,6 +34,7 @@ _KEYS = [
     ("train_images_per_s", "float", "training throughput of the steps this process ran"),
     ("skipped_samples", "int", "bad samples skipped over all ranks (data.on_error='skip')"),
     ("skipped_nonfinite_steps", "int", "optimizer steps skipped for a non-finite loss/grad"),
+    ("rank_skipped_nonfinite_steps", "list[int]", "skipped_nonfinite_steps as each rank counted"),
     ("teacher_seconds_total", "float", "time spent in the distillation teacher's forward"),
     ("eval_history", "list[dict]", "every evaluation during training, in step order"),
     # Accuracy: baselines and the int8 model (top-1 in [0, 1] on the validation shards)

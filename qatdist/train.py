@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from qatdist import data, demo, transforms  # heavy imports only once the config is valid
     from qatdist.checkpoint import CheckpointError, find_complete
     from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
+    from qatdist.finalize import QuantizationIncomplete
+    from qatdist.guards import NonFiniteError
     from qatdist.monitor import setup_logging
     from qatdist.runfolder import RunFolder
     from qatdist.topology import place_this_rank
@@ -69,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except data.DataError as e:  # a bad shard or sample under data.on_error='raise'
         logging.getLogger("qatdist").error("data error: %s", _own_message(e))
+        return 1
+    except NonFiniteError as e:  # every rank stops at the same step; no final artifacts
+        logging.getLogger("qatdist").error("training diverged: %s", e)
+        return 1
+    except QuantizationIncomplete as e:  # runtime.require_full_quantization; final/ untouched
+        logging.getLogger("qatdist").error("quantization incomplete: %s", e)
         return 1
     finally:
         if trainer is not None:

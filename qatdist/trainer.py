@@ -15,6 +15,7 @@ import torch
 import torchao
 
 from qatdist import data, topology
+from qatdist.baselines import Baselines
 from qatdist.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -31,11 +32,13 @@ from qatdist.distributed import (
 )
 from qatdist.evaluate import count_correct, distributed_top1
 from qatdist.finalize import finalize
+from qatdist.guards import NonFiniteGuard
 from qatdist.monitor import Monitor
 from qatdist.optim import build_optimizer, build_scheduler
 from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
+from qatdist.report import report_fields
 from qatdist.runfolder import RunFolder
-from qatdist.step import train_step
+from qatdist.step import Distillation, train_step
 
 
 class Trainer:
@@ -73,6 +76,17 @@ class Trainer:
         self.ddp = wrap_ddp(self.qat.prepared, cfg.runtime.grad_compression)
         self.optimizer = build_optimizer(self.qat.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps)
+        self.distillation = (
+            Distillation(
+                self.qat.fp32_model, cfg.train.distill_weight, cfg.train.distill_temperature
+            )
+            if cfg.train.distill_weight > 0
+            else None
+        )
+        self.baselines = Baselines(
+            cfg, env, lambda: self._val_batches(cfg.runtime.latency_batch_size)
+        )
         self.step = 0
         self.sync_seconds = 0.0
         self.first_sync_since_step: tuple[int, SyncStats] | None = None
@@ -101,6 +115,7 @@ class Trainer:
             self.monitor.text("config/resolved", "```\n" + to_toml(cfg) + "\n```")
         self._write_topology()
         self._resume()
+        self.baselines.at_start(self.qat)
         self.monitor.info(
             f"{cfg.model.name}: {env.world_size} rank(s) x batch {cfg.train.batch_size}, "
             f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
@@ -124,6 +139,8 @@ class Trainer:
                 "phase": dataclasses.asdict(self.qat.phase),
                 "eval_history": self.history,
                 "skipped_samples": self.skipped_samples,
+                "skipped_nonfinite_steps": self.guard.skipped_steps,
+                "baselines": self.baselines.state_dict(),
                 "config": self.cfg.to_dict(),
             },
         }
@@ -141,7 +158,10 @@ class Trainer:
         self.scheduler.load_state_dict(parts["scheduler"])
         self.step = train_state["step"]
         self.history = list(train_state["eval_history"])
-        self.skipped_samples = train_state.get("skipped_samples", 0)  # older checkpoints lack it
+        # Older checkpoints lack the counters and baselines.
+        self.skipped_samples = train_state.get("skipped_samples", 0)
+        self.guard.skipped_steps = train_state.get("skipped_nonfinite_steps", 0)
+        self.baselines.load_state_dict(train_state.get("baselines", {}))
         self.qat.set_phase(QatPhase(**train_state["phase"]))
         restore_rng_state(parts["rng"])
 
@@ -209,10 +229,20 @@ class Trainer:
 
     def _train_epoch(self, epoch: int, batches) -> None:
         for batch in self.monitor.timed(batches):
+            if self.baselines.ptq_due(self.step):
+                self.baselines.measure_ptq(self.qat)  # before fake quant's first step
+                self.monitor.expect_one_time_cost()
             self._advance_phase()
+            self.guard.before_step(self.qat.prepared)
             step_start = time.perf_counter()
             loss, self.last_correct = train_step(
-                self.ddp, self.optimizer, self.scheduler, batch.images, batch.labels
+                self.ddp,
+                self.optimizer,
+                self.scheduler,
+                batch.images,
+                batch.labels,
+                distillation=self.distillation,
+                may_update=self._may_update,
             )
             self.train_seconds += time.perf_counter() - step_start
             self.step += 1
@@ -232,6 +262,17 @@ class Trainer:
                 model=self.qat.prepared,
             )
 
+    def _may_update(self, loss: float) -> bool:
+        """The non-finite guard's verdict on this step (collective; raises NonFiniteError when
+        the run must stop)."""
+        return self.guard.should_step(
+            step=self.step + 1,
+            loss=loss,
+            lr=self.scheduler.get_last_lr()[0],
+            params=self.qat.parameters(),
+            last_checkpoint=self.checkpointer.latest,
+        )
+
     def _advance_phase(self) -> None:
         """Apply the QAT schedule for the current step; statistics are synced before observers
         freeze, so the frozen qparams are the global batch's on every rank."""
@@ -241,6 +282,7 @@ class Trainer:
         if phase.observers_frozen and not self.qat.phase.observers_frozen:
             self.sync()
         self.qat.set_phase(phase)
+        self.monitor.expect_one_time_cost()  # new fake-quant kernels compile on this step
         self.monitor.info(f"step {self.step}: QAT phase {phase}")
 
     def sync(self) -> SyncStats:
@@ -292,47 +334,52 @@ class Trainer:
         writes `final/`. Returns the report on rank 0, None elsewhere."""
         if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
             self.sync()
+        baselines = self.baselines.at_end(self.qat, self.step)
         # Eval mode and paused observers through the state hashes, conversion and measures.
         with self.qat.evaluating() as model:
             batches = self._val_batches(self.cfg.runtime.latency_batch_size)
             fq_top1 = distributed_top1(*count_correct(model, batches))
-            report = self._training_report(fq_top1)
+            report = self._training_report(fq_top1, baselines)
             if not self.env.is_rank0:
                 return None
             return self._finalize(report)
 
-    def _training_report(self, fq_top1: float) -> dict:
+    def _training_report(self, fq_top1: float, baselines: dict[str, float]) -> dict:
         """The report fields only training knows (collective: gathers every rank's state hash,
-        step count and skipped samples)."""
+        step count and skipped samples and steps)."""
         cfg, final_sync = self.cfg, self.first_sync_since_step[1]
-        ranks = all_gather_object((self.qat.state_sha256(), self.step, self.skipped_samples))
-        hashes = [sha for sha, _, _ in ranks]
+        ranks = all_gather_object(
+            (self.qat.state_sha256(), self.step, self.skipped_samples, self.guard.skipped_steps)
+        )
+        hashes, steps, skipped, nonfinite = (list(column) for column in zip(*ranks))
         global_batch = cfg.train.batch_size * self.env.world_size
-        return {
-            "model": cfg.model.name,
-            "world_size": self.env.world_size,
-            "global_batch_size": global_batch,
-            "steps": self.step,
-            "epochs": cfg.train.epochs,
-            # Steps trained by this process: a resumed run timed only those.
-            "train_images_per_s": (
-                (self.step - (self.resumed_from_step or 0)) * global_batch / self.train_seconds
-                if self.train_seconds
-                else 0.0
-            ),
-            "fp32_fake_quant_top1": fq_top1,
-            "observer_sync_max_divergence_before": final_sync.max_divergence_before,
-            "observer_sync_max_divergence_after": final_sync.max_divergence_after,
-            "observer_sync_seconds_total": self.sync_seconds,
-            "final_state_sha256": hashes[0],
-            "resumed_from_step": self.resumed_from_step,
-            "rank_state_sha256": hashes,
-            "rank_steps": [steps for _, steps, _ in ranks],
-            "skipped_samples": sum(skipped for _, _, skipped in ranks),
-            "eval_history": self.history,
-            "torch_version": torch.__version__,
-            "torchao_version": torchao.__version__,
-        }
+        # Steps trained by this process: a resumed run timed only those.
+        trained = (self.step - (self.resumed_from_step or 0)) * global_batch
+        return report_fields(
+            model=cfg.model.name,
+            world_size=self.env.world_size,
+            global_batch_size=global_batch,
+            steps=self.step,
+            epochs=cfg.train.epochs,
+            train_images_per_s=trained / self.train_seconds if self.train_seconds else 0.0,
+            fp32_fake_quant_top1=fq_top1,
+            **baselines,
+            observer_sync_max_divergence_before=final_sync.max_divergence_before,
+            observer_sync_max_divergence_after=final_sync.max_divergence_after,
+            observer_sync_seconds_total=self.sync_seconds,
+            final_state_sha256=hashes[0],
+            resumed_from_step=self.resumed_from_step,
+            rank_state_sha256=hashes,
+            rank_steps=steps,
+            skipped_samples=sum(skipped),
+            skipped_nonfinite_steps=nonfinite[0],
+            rank_skipped_nonfinite_steps=nonfinite,
+            teacher_seconds_total=self.distillation.seconds if self.distillation else 0.0,
+            eval_history=self.history,
+            cpu_int8_capabilities=self.cpu_int8_capabilities or {},
+            torch_version=torch.__version__,
+            torchao_version=torchao.__version__,
+        )
 
     def _finalize(self, report: dict) -> dict:
         """Rank 0: convert, compile, measure and write `final/` (report.json among it)."""
@@ -357,6 +404,7 @@ class Trainer:
             compile_model=r.compile_final,
             aoti=False,
             report=report,
+            require_full_quantization=r.require_full_quantization,
         )
         self.monitor.final(report, cfg)
         self.monitor.info(

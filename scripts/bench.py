@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -19,7 +20,34 @@ from pathlib import Path
 
 import torchvision
 
-from qatdist import bench
+# The measurement code is the repo's top-level `benchmarks` package, not part of the installed
+# library; `python scripts/bench.py` puts only scripts/ on sys.path, so add the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import benchmarks  # noqa: E402
+
+JSON_KEYS = (
+    "qat_step_ratio",
+    "ddp_scaling_ratio",
+    "int8_speedup",
+    "int8_speedup_geomean",
+    "data_wait_fraction",
+    "final_model_vs_hand_flow",
+)
+# Written after the contract keys: the same measurements with a lever switched, for reference
+# (QAT with torchao's own fake-quant op; DDP with runtime.grad_compression = "bf16").
+REFERENCE_KEYS = ("qat_step_ratio_torchao_op", "ddp_scaling_ratio_bf16_grads")
+
+# The project's targets: (figure, model) -> (comparison, bound). Model None: a single number;
+# "*": every model measured (or expected) for that figure.
+TARGETS = {
+    ("qat_step_ratio", "resnet18"): ("<=", 1.15),
+    ("qat_step_ratio", "mobilenet_v3_large"): ("<=", 1.25),
+    ("ddp_scaling_ratio", None): (">=", 0.90),
+    ("int8_speedup", "*"): (">=", 2.0),
+    ("int8_speedup_geomean", None): (">=", 3.25),
+    ("data_wait_fraction", None): ("<", 0.02),
+    ("final_model_vs_hand_flow", None): ("<=", 1.05),
+}
 
 QAT_MODELS = ["resnet18", "mobilenet_v3_large"]
 INT8_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -54,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json",
         metavar="PATH",
-        help="Also write the figures to PATH as JSON (keys: " + ", ".join(bench.JSON_KEYS) + ").",
+        help="Also write the figures to PATH as JSON (keys: " + ", ".join(JSON_KEYS) + ").",
     )
     parser.add_argument(
         "--models",
@@ -94,14 +122,50 @@ def _shape(shape: list[int]) -> str:
     return "x".join(str(s) for s in shape)
 
 
-def run(plan: Plan, threads: int, quick: bool) -> dict:
-    """Measure every figure; print each as it completes. Returns the JSON-contract dict."""
-    results: dict = {}
+def _agreement(r: dict) -> str:
+    if r["agreement_comparable"] == 0:
+        return "not judged: no sample's top-2 margin exceeds the logit difference"
+    return f"{r['top1_agreement']:.3f} of {r['agreement_comparable']} decided samples"
 
+
+def _meets(value: float, op: str, target: float) -> bool:
+    return {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
+
+
+def summary_rows(results: dict, expected_models: dict[str, list[str]]) -> list[tuple]:
+    """(figure, measured text, target text, verdict) rows; models listed in `expected_models`
+    but absent from `results` are shown as not measured."""
+    rows = []
+    for (key, model), (op, target) in TARGETS.items():
+        if model is None:
+            names = [None]
+        elif model == "*":
+            names = sorted(set(expected_models.get(key, [])) | set(results.get(key, {})))
+        else:
+            names = [model]
+        for name in names:
+            label = key if name is None else f"{key} {name}"
+            value = results.get(key) if name is None else results.get(key, {}).get(name)
+            if value is None:
+                rows.append((label, "not measured", f"{op} {target}", "-"))
+            else:
+                verdict = "met" if _meets(value, op, target) else "NOT met"
+                rows.append((label, f"{value:.3f}", f"{op} {target}", verdict))
+    return rows
+
+
+def markdown_table(rows: list[tuple]) -> str:
+    lines = ["| figure | measured | target | |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def _training_figures(plan: Plan, threads: int, results: dict) -> None:
+    """The QAT step ratios and the DDP scaling ratio, printed and stored in `results`."""
     _section("qat_step_ratio: QAT train step / fp32 eager train step (SGD, interleaved)")
     results["qat_step_ratio"] = {}
     for name in plan.qat_models:
-        r = bench.qat_step_ratio(
+        r = benchmarks.qat_step_ratio(
             name,
             image_size=plan.image_size,
             threads=threads,
@@ -119,7 +183,7 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
         )
 
     _section("ddp_scaling_ratio: throughput N ranks x 1 thread / 1 rank x N threads (gloo)")
-    r = bench.ddp_scaling_ratio(
+    r = benchmarks.ddp_scaling_ratio(
         ranks=threads,
         rounds=plan.ddp_rounds,
         warmup=plan.step_warmup,
@@ -138,10 +202,13 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
         flush=True,
     )
 
+
+def _int8_figures(plan: Plan, threads: int, results: dict) -> None:
+    """The int8 speedups and their geometric mean, printed and stored in `results`."""
     _section("int8_speedup: fp32 compiled latency / int8 compiled latency (interleaved)")
     results["int8_speedup"] = {}
     for name in plan.int8_models:
-        r = bench.int8_speedup(
+        r = benchmarks.int8_speedup(
             name, image_size=plan.image_size, threads=threads, iters=plan.latency_iters
         )
         results["int8_speedup"][name] = r["ratio"]
@@ -151,14 +218,21 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
             f"(compile int8 {r['compile_s']['int8']:.0f} s, fp32 {r['compile_s']['fp32']:.0f} s)",
             flush=True,
         )
-    results["int8_speedup_geomean"] = bench.geomean(list(results["int8_speedup"].values()))
+    results["int8_speedup_geomean"] = statistics.geometric_mean(results["int8_speedup"].values())
     print(
         f"geomean over {len(results['int8_speedup'])} model(s): "
         f"{results['int8_speedup_geomean']:.3f}"
     )
 
+
+def run(plan: Plan, threads: int, quick: bool) -> dict:
+    """Measure every figure; print each as it completes. Returns the JSON-contract dict."""
+    results: dict = {}
+    _training_figures(plan, threads, results)
+    _int8_figures(plan, threads, results)
+
     _section("data_wait_fraction: time blocked on the next batch / step time (demo config)")
-    r = bench.data_wait_fraction(steps=plan.data_steps)
+    r = benchmarks.data_wait_fraction(steps=plan.data_steps)
     results["data_wait_fraction"] = r["fraction"]
     print(
         f"{r['model']} QAT on demo shards, batch {_shape(r['shape'])}, data.num_workers "
@@ -169,20 +243,20 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
     )
 
     _section("final_model_vs_hand_flow: qatdist int8 latency / hand-written flow's (same weights)")
-    r = bench.final_model_vs_hand_flow(
+    r = benchmarks.final_model_vs_hand_flow(
         image_size=plan.image_size, threads=threads, iters=plan.latency_iters
     )
     results["final_model_vs_hand_flow"] = r["ratio"]
     print(
         f"{r['model']}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} iters: "
         f"qatdist {r['qatdist_ms']:.2f} ms, hand flow {r['hand_ms']:.2f} ms -> {r['ratio']:.3f} "
-        f"(top-1 agreement {r['top1_agreement']:.3f}; compile qatdist "
+        f"(top-1 agreement {_agreement(r)}; compile qatdist "
         f"{r['compile_s']['qatdist']:.0f} s, hand {r['compile_s']['hand']:.0f} s)",
         flush=True,
     )
     if quick:
         print("\n(--quick: resnet18 only, 32x32 synthetic inputs, fewer iterations)")
-    return {key: results[key] for key in bench.JSON_KEYS + bench.REFERENCE_KEYS}
+    return {key: results[key] for key in JSON_KEYS + REFERENCE_KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"bench.py: --models: unknown torchvision model(s) {unknown}", file=sys.stderr)
         return 2
-    info = bench.machine_info()
+    info = benchmarks.machine_info()
     print("# qatdist benchmark" + (" (--quick)" if args.quick else ""))
     print(
         f"machine: {info['cpu_model']} ({', '.join(info['cpu_flags']) or 'no AVX-512'}), "
@@ -212,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
 
     expected = {"int8_speedup": plan.int8_models}
     print("\n## Summary\n")
-    print(bench.markdown_table(bench.summary_rows(results, expected)))
-    end_load = bench.machine_info()["loadavg"][0]
+    print(markdown_table(summary_rows(results, expected)))
+    end_load = benchmarks.machine_info()["loadavg"][0]
     print(f"\nwall time {elapsed:.0f} s; load average at the end {end_load:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -216,15 +216,19 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def param_count(name: str) -> int | None:
-    """Parameters of a torchvision model, built on the meta device (no memory, no time)."""
+    """Parameters of a model, built on the meta device (no memory, no time) or, where its
+    builder computes with tensors (RegNet's widths), on the CPU; None when it cannot be built
+    (its run reports why)."""
     import torch
 
-    try:
-        with torch.device("meta"):
-            model = build_fp32(name, SIZE_FOR.get(name, 32))
-        return sum(p.numel() for p in model.parameters())
-    except Exception:  # the child will report the real error at its build stage
-        return None
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = build_fp32(name, SIZE_FOR.get(name, 32))
+            return sum(p.numel() for p in model.parameters())
+        except Exception:  # the child will report the real error at its build stage
+            continue
+    return None
 
 
 def plan_rows(args: argparse.Namespace) -> list[dict]:
@@ -239,7 +243,7 @@ def plan_rows(args: argparse.Namespace) -> list[dict]:
     skip = set(args.skip.split(",")) if args.skip else set()
     rows = []
     for name in names:
-        params = None if ":" in name else param_count(name)
+        params = param_count(name)
         size = SIZE_FOR.get(name, args.image_size)
         row = {"model": name, "image_size": size, "params_m": params and round(params / 1e6, 2)}
         if name in skip:
@@ -508,7 +512,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args)
-    from qatdist.bench import machine_info
+    # machine_info lives in the repo's top-level benchmarks/ package, beside scripts/.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.machine import machine_info
 
     args.command = shlex.join(["python", "scripts/coverage.py", *argv])
     if args.render:

@@ -67,6 +67,7 @@ def tiny_run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[st
         "--train.eval_every_epochs=2",  # one evaluation (at the end) writes the eval/ tags
         "--runtime.latency_batch_size=8",
         "--runtime.latency_iters=3",
+        "--quant.ptq_calibration_batches=4",  # the PTQ baseline, cheaply
         *extra,
     ]
 
@@ -75,7 +76,8 @@ def tiny_run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[st
 def two_rank_run(tiny_shards, tmp_path_factory) -> dict:
     """One real 2-rank gloo training run with the final convert/compile, shared by tests."""
     out_dir = tmp_path_factory.mktemp("run2")
-    result = torchrun(tiny_run_args(tiny_shards, out_dir), cwd=ROOT)
+    # Distillation on: the shared run also covers the teacher (tests/test_step.py).
+    result = torchrun(tiny_run_args(tiny_shards, out_dir, "--train.distill_weight=0.3"), cwd=ROOT)
     report_path = out_dir / "final" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     return {"result": result, "out_dir": out_dir, "report": report}

@@ -48,6 +48,28 @@ def test_exit_zero_and_report(run):
     assert isinstance(report["cpu_int8_capabilities"], dict)
 
 
+def test_report_has_the_baselines(run):
+    report = run["report"]
+    for key in ("fp32_top1", "ptq_int8_top1", "int8_top1"):
+        assert 0.0 <= report[key] <= 1.0, key
+    assert report["qat_gain_over_ptq"] == pytest.approx(
+        report["int8_top1"] - report["ptq_int8_top1"]
+    )
+    assert report["int8_drop_vs_fp32"] == pytest.approx(report["fp32_top1"] - report["int8_top1"])
+    assert "start_fp32_top1" not in report  # no model.weights: nothing was given
+    table = run["result"].stdout + run["result"].stderr
+    assert "PTQ int8 (no QAT)" in table and "QAT gain over PTQ" in table
+
+
+def test_distillation_teacher_ran(run):
+    report = run["report"]
+    assert report["teacher_seconds_total"] > 0
+    assert report["skipped_nonfinite_steps"] == 0 and report["rank_skipped_nonfinite_steps"] == [
+        0,
+        0,
+    ]
+
+
 def test_report_keys_are_registered(run):
     from qatdist.report import REPORT_KEYS, report_fields
 

@@ -1,0 +1,97 @@
+"""Single-process figures: the QAT train step's cost and the int8 model's compiled speedup."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import (
+    bound_train_step,
+    calibrate,
+    calibration_batches,
+    compile_and_warm,
+    qat_model,
+    synthetic_batch,
+)
+from qatdist.evaluate import side_by_side_latency_ms
+from qatdist.quant import compile_for_inference
+
+
+def qat_step_ratio(
+    model_name: str,
+    *,
+    image_size: int = 64,
+    batch_size: int = 32,
+    threads: int = 2,
+    warmup: int = 3,
+    iters: int = 10,
+    seed: int = 0,
+) -> dict:
+    """QAT train step time / fp32 eager train step time for `model_name` (same seed, same batch,
+    steps interleaved after warm-up, medians). Returns timings (ms) and the ratio."""
+    torch.set_num_threads(threads)
+    qat = qat_model(model_name, seed, image_size)
+    torchao_op = qat_model(model_name, seed, image_size, fast_fake_quant=False).prepared
+    steps = {
+        "fp32": bound_train_step(qat.fp32_model.train()),
+        "qat": bound_train_step(qat.prepared),
+        "qat_torchao_op": bound_train_step(torchao_op),
+    }
+    images, labels = synthetic_batch(batch_size, image_size, seed)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup + iters):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(images, labels)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    fp32_ms, qat_ms = statistics.median(times["fp32"]), statistics.median(times["qat"])
+    torchao_op_ms = statistics.median(times["qat_torchao_op"])
+    return {
+        "model": model_name,
+        "shape": [batch_size, 3, image_size, image_size],
+        "threads": threads,
+        "iters": iters,
+        "qat_ms": qat_ms,
+        "fp32_ms": fp32_ms,
+        "ratio": qat_ms / fp32_ms,
+        "qat_torchao_op_ms": torchao_op_ms,
+        "ratio_torchao_op": torchao_op_ms / fp32_ms,
+    }
+
+
+def int8_speedup(
+    model_name: str,
+    *,
+    image_size: int = 64,
+    batch_size: int = 32,
+    threads: int = 2,
+    calib_batches: int = 4,
+    iters: int = 20,
+    seed: int = 0,
+) -> dict:
+    """fp32 compiled latency / int8 compiled latency: int8 through qatdist's flow (`QatModel`,
+    calibration forwards, `to_int8`, `compile_for_inference`), fp32 the same seeded eager model
+    in eval mode through `compile_for_inference`; interleaved medians."""
+    torch.set_num_threads(threads)
+    torch._dynamo.reset()  # earlier figures' compiled graphs would count against the cache limit
+    qat = qat_model(model_name, seed, image_size)
+    calibrate(qat.prepared, calibration_batches(calib_batches, batch_size, image_size, seed))
+    int8 = qat.to_int8()
+    fp32 = qat.fp32_model.eval()
+    example = synthetic_batch(batch_size, image_size, seed)[0]
+    int8_c, int8_compile_s = compile_and_warm(int8, example, compile_for_inference)
+    fp32_c, fp32_compile_s = compile_and_warm(fp32, example, compile_for_inference)
+    latency = side_by_side_latency_ms({"fp32": fp32_c, "int8": int8_c}, example, iters)
+    return {
+        "model": model_name,
+        "shape": list(example.shape),
+        "threads": threads,
+        "iters": iters,
+        "fp32_ms": latency["fp32"],
+        "int8_ms": latency["int8"],
+        "compile_s": {"int8": int8_compile_s, "fp32": fp32_compile_s},
+        "ratio": latency["fp32"] / latency["int8"],
+    }
