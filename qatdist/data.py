@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qatdist import transforms
-from qatdist.config import ConfigError, DataConfig, expand_shards
+from qatdist.config import ConfigError, DataConfig
+from qatdist.config_checks import expand_shards
 from qatdist.shards import (  # DataError is raised here and caught as data.DataError
     DataError,
     RawSample,

@@ -239,7 +239,7 @@ def _demo_paths(key: str) -> list[Path]:
 def ensure_demo_shards(cfg: DataConfig, seed: int) -> bool:
     """With cfg.generate_demo, write the demo splits whose data.train_shards / val_shards is
     the demo's own pattern (DEMO_SHARDS) and whose files are not all there. Other patterns are
-    left alone (a pattern that matches nothing is a config error, see config.validate).
+    left alone (a pattern that matches nothing is a config error, see config_checks.validate).
 
     Shards are written to a temporary folder and renamed into place under a file lock, so
     concurrent runs (every rank calls this) write once and never see partial shards. Returns

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import torchvision
 
 from qatdist.config import ConfigError, ModelConfig
+from qatdist.factories import load_factory
 
 
 def _from_factory(spec: str, num_classes: int) -> torch.nn.Module:
-    module_name, _, function_name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"model.name: cannot load factory {spec!r}: {e}") from None
-    model = factory(num_classes=num_classes)
+    model = load_factory(spec, "model.name")(num_classes=num_classes)
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model.name: factory {spec!r} returned {type(model).__name__}")
     return model

@@ -11,7 +11,6 @@ run stays bit-exact.
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from qatdist.config import ConfigError, DataConfig
+from qatdist.factories import load_factory
 
 TRAIN_RATIO = (4 / 5, 5 / 4)  # RandomResizedCrop aspect-ratio range of the built-in transform
 
@@ -100,19 +100,6 @@ def eval_transform(cfg: DataConfig) -> EvalTransform:
     return transform
 
 
-def _load_factory(spec: str) -> Callable[[DataConfig], TrainTransform]:
-    module_name, _, function_name = spec.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), function_name)
-    except Exception as e:  # a module failing at import is as bad a setting as a missing one
-        raise ConfigError(
-            f"data.transform: cannot load factory {spec!r}: {type(e).__name__}: {e}"
-        ) from None
-    if not callable(factory):
-        raise ConfigError(f"data.transform: {spec!r} is a {type(factory).__name__}, not callable")
-    return factory
-
-
 def _checked(fn: TrainTransform, spec: str, size: int) -> TrainTransform:
     """`fn` with its output checked on every call: a wrong array names data.transform."""
 
@@ -143,7 +130,7 @@ def train_transform(cfg: DataConfig) -> TrainTransform:
     or returns something other than a callable."""
     if not cfg.transform:
         return builtin_train_transform(cfg)
-    factory = _load_factory(cfg.transform)
+    factory = load_factory(cfg.transform, "data.transform")
     try:
         fn = factory(cfg)
     except Exception as e:  # the factory is user code: any failure is a bad setting

@@ -1,0 +1,159 @@
+"""Value checks of a run configuration that types alone cannot express, run by `config.load`
+before any process group starts; every error names the offending key. Only the standard
+library is imported here: a bad config is refused in well under a second."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from qatdist.config import GRAD_COMPRESSION, Config, ConfigError
+
+
+def _require(cond: bool, key: str, expected: str, value) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Value checks that types alone cannot express. Shard existence is checked here too,
+    except for demo shards that the run will generate."""
+    d, t, q, o, c, r = cfg.data, cfg.train, cfg.quant, cfg.optim, cfg.checkpoint, cfg.runtime
+    _require(bool(cfg.run.out_dir), "run.out_dir", "a non-empty path", cfg.run.out_dir)
+    _require(bool(cfg.model.name), "model.name", "a model name", cfg.model.name)
+    if cfg.model.weights:
+        _require(
+            Path(cfg.model.weights).is_file(),
+            "model.weights",
+            "an existing local file",
+            cfg.model.weights,
+        )
+    _require(d.image_size >= 16, "data.image_size", "an integer >= 16", d.image_size)
+    _require(d.num_classes >= 2, "data.num_classes", "an integer >= 2", d.num_classes)
+    _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
+    _require(d.shuffle_buffer >= 1, "data.shuffle_buffer", "an integer >= 1", d.shuffle_buffer)
+    _require(d.on_error in ("raise", "skip"), "data.on_error", "'raise' or 'skip'", d.on_error)
+    _require(
+        d.demo_train_per_class >= 1, "data.demo_train_per_class", ">= 1", d.demo_train_per_class
+    )
+    _require(d.demo_val_per_class >= 1, "data.demo_val_per_class", ">= 1", d.demo_val_per_class)
+    _require(0 <= d.hflip <= 1, "data.hflip", "a probability in [0, 1]", d.hflip)
+    _require(
+        len(d.crop_scale) == 2 and 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1,
+        "data.crop_scale",
+        "[low, high] with 0 < low <= high <= 1",
+        d.crop_scale,
+    )
+    _require(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B)", d.mean)
+    _require(len(d.std) == 3 and all(v > 0 for v in d.std), "data.std", "3 positive numbers", d.std)
+    _require(
+        not d.transform or ":" in d.transform,
+        "data.transform",
+        "'' or 'package.module:function'",
+        d.transform,
+    )
+    for key in ("train_shards", "val_shards"):
+        pattern = getattr(d, key)
+        _require(bool(pattern), f"data.{key}", "a shard pattern", pattern)
+        if pattern.startswith("pipe:"):
+            _require(d.allow_pipe, f"data.{key}", "no 'pipe:' URL unless data.allow_pipe", pattern)
+        elif not pattern.startswith(("http://", "https://")):
+            from qatdist.demo import is_demo_pattern  # numpy and PIL, no torch
+
+            # Only the built-in demo's own pattern may match nothing: the run writes it then.
+            is_demo = is_demo_pattern(key, pattern)
+            if not (is_demo and d.generate_demo):
+                hint = " (data.generate_demo=true writes the demo there)" if is_demo else ""
+                _require(
+                    bool(expand_shards(pattern)),
+                    f"data.{key}",
+                    f"a pattern matching shard files{hint}",
+                    pattern,
+                )
+    _require(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
+    _require(t.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", t.steps_per_epoch)
+    _require(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
+    _require(t.lr > 0, "train.lr", "a positive number", t.lr)
+    _require(t.eval_every_epochs >= 0, "train.eval_every_epochs", ">= 0", t.eval_every_epochs)
+    _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(
+        t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite
+    )
+    _require(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", ">= 1", t.max_nonfinite_steps)
+    _require(
+        0 <= t.distill_weight <= 1, "train.distill_weight", "a number in [0, 1]", t.distill_weight
+    )
+    _require(t.distill_temperature > 0, "train.distill_temperature", "> 0", t.distill_temperature)
+    _require(o.name in ("sgd", "adamw"), "optim.name", "'sgd' or 'adamw'", o.name)
+    _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
+    _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
+    _require(
+        q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step
+    )
+    _require(
+        q.observer_freeze_step >= -1, "quant.observer_freeze_step", ">= -1", q.observer_freeze_step
+    )
+    _require(q.bn_freeze_step >= -1, "quant.bn_freeze_step", ">= -1", q.bn_freeze_step)
+    _require(
+        q.sync_every_steps >= 1, "quant.sync_every_steps", "an integer >= 1", q.sync_every_steps
+    )
+    _require(
+        q.ptq_calibration_batches >= 0,
+        "quant.ptq_calibration_batches",
+        "an integer >= 0",
+        q.ptq_calibration_batches,
+    )
+    _require(
+        q.max_accuracy_drop == -1 or 0 <= q.max_accuracy_drop <= 1,
+        "quant.max_accuracy_drop",
+        "-1 (off) or a number in [0, 1]",
+        q.max_accuracy_drop,
+    )
+    _require(
+        q.fallback_finetune_steps >= 0,
+        "quant.fallback_finetune_steps",
+        ">= 0",
+        q.fallback_finetune_steps,
+    )
+    _require(
+        q.sensitivity_candidates >= 1,
+        "quant.sensitivity_candidates",
+        ">= 1",
+        q.sensitivity_candidates,
+    )
+    _require(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
+    _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
+    if c.resume_from:
+        _require(
+            Path(c.resume_from).is_dir(),
+            "checkpoint.resume_from",
+            "an existing folder",
+            c.resume_from,
+        )
+    _require(r.pinning in ("auto", "off"), "runtime.pinning", "'auto' or 'off'", r.pinning)
+    _require(
+        r.grad_compression in GRAD_COMPRESSION,
+        "runtime.grad_compression",
+        " or ".join(repr(name) for name in GRAD_COMPRESSION),
+        r.grad_compression,
+    )
+    _require(r.threads >= 0, "runtime.threads", "an integer >= 0", r.threads)
+    _require(r.loader_cores >= 0, "runtime.loader_cores", "an integer >= 0", r.loader_cores)
+    _require(r.timeout_s >= 1, "runtime.timeout_s", "an integer >= 1", r.timeout_s)
+    _require(r.latency_batch_size >= 1, "runtime.latency_batch_size", ">= 1", r.latency_batch_size)
+    _require(r.latency_iters >= 1, "runtime.latency_iters", ">= 1", r.latency_iters)
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """Expand a brace pattern ('train-{000000..000003}.tar') and/or glob into sorted paths."""
+    from braceexpand import braceexpand  # installed with webdataset
+
+    paths: list[str] = []
+    for part in braceexpand(pattern):
+        if any(ch in part for ch in "*?["):
+            paths.extend(sorted(glob.glob(part)))
+        elif Path(part).exists():
+            paths.append(part)
+    return paths
