@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 
 import torch
@@ -50,25 +51,22 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
     """`qat` rebuilt with `layers` kept in fp32 beyond its config's `fp32_module_names`,
     holding `qat`'s weights and statistics, in `qat`'s phase. Raises ValueError when a layer
     is unknown or its state does not transfer."""
-    names = [*qat.quant_cfg.fp32_module_names, *layers]
-    example = torch.randn(2, 3, image_size, image_size)
-    rebuild = make_rebuilder(_rebuildable_fp32(qat), example, qat.quant_cfg, phase=qat.phase)
-    prepared = rebuild(qat.prepared, names)
-    rebuilt = _qat_model(qat, prepared, names)
     known = {name for name, _ in qat.fp32_model.named_modules()}
     unknown = [layer for layer in layers if layer not in known]
     if unknown:
         raise ValueError(f"fp32 fallback layers {unknown}: no such module in the model")
-    return rebuilt
+    names = [*qat.quant_cfg.fp32_module_names, *layers]
+    example = torch.randn(2, 3, image_size, image_size)
+    rebuild = make_rebuilder(_rebuildable_fp32(qat), example, qat.quant_cfg, phase=qat.phase)
+    return _qat_model(qat, rebuild(qat.prepared, names), names)
 
 
 class AccuracyBudget:
     """The budget search of one run (`cfg.quant.max_accuracy_drop >= 0`), see the module
-    docstring. `lr` is the learning rate of `quant.fallback_finetune_steps` (the run's last)."""
+    docstring."""
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
-        self.lr = cfg.train.lr
 
     @property
     def enabled(self) -> bool:
@@ -77,9 +75,13 @@ class AccuracyBudget:
     def _val(self, batch_size: int):
         return data.val_batches(self.cfg.data, batch_size=batch_size, rank=0, world_size=1)
 
-    def apply(self, qat: QatModel, fp32_top1: float | None) -> tuple[QatModel, dict]:
+    def apply(
+        self, qat: QatModel, fp32_top1: float | None, *, finetune_lr: float
+    ) -> tuple[QatModel, dict]:
         """Collective: the QAT model to convert and the report fields (empty when the budget
-        is off). `qat` must be synced; it is left unchanged."""
+        is off). `qat` must be synced; it is left unchanged. `fp32_top1` is the run's baseline
+        (measured by the search when None); `finetune_lr` the learning rate of
+        `quant.fallback_finetune_steps` (the run's last)."""
         if not self.enabled:
             return qat, {}
         cfg, bs = self.cfg, self.cfg.runtime.latency_batch_size
@@ -95,9 +97,7 @@ class AccuracyBudget:
             if cfg.runtime.compile_final
             else None
         )
-        rebuild = make_rebuilder(
-            _rebuildable_fp32(qat), example[:2], cfg.quant, phase=qat.phase
-        )
+        rebuild = make_rebuilder(_rebuildable_fp32(qat), example[:2], cfg.quant, phase=qat.phase)
         log.info("accuracy budget %.4f: measuring the int8 model", cfg.quant.max_accuracy_drop)
         with preserved_rng(), qat.evaluating() as prepared:
             result = meet_accuracy_budget(
@@ -108,7 +108,7 @@ class AccuracyBudget:
                 calibration_batches=calibration,
                 fp32_top1=fp32_top1,
                 latency_cost=latency_cost,
-                finetune=self._finetune if cfg.quant.fallback_finetune_steps > 0 else None,
+                finetune=functools.partial(self._finetune, lr=finetune_lr),
             )
         fields = result.to_report()
         # finalize measures int8_top1 (compiled) and fp32_top1 is the baseline's
@@ -136,13 +136,13 @@ class AccuracyBudget:
         names = [*cfg.quant.fp32_module_names, *result.fp32_fallback_layers]
         return _qat_model(qat, result.model, names), fields
 
-    def _finetune(self, model: torch.fx.GraphModule, steps: int) -> None:
+    def _finetune(self, model: torch.fx.GraphModule, steps: int, *, lr: float) -> None:
         """`steps` QAT steps of `model` on this rank's train batches (a fresh optimizer and DDP
         wrapper at the run's last learning rate), then a statistics sync. Collective."""
         cfg, env = self.cfg, self.env
         ddp = wrap_ddp(model, cfg.runtime.grad_compression)
         optimizer = build_optimizer(model.parameters(), cfg)
-        scale = self.lr / cfg.train.lr
+        scale = lr / cfg.train.lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: scale)
         batches = data.train_batches(
             cfg.data,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from qatdist.config import GRAD_COMPRESSION, Config, ConfigError
+from qatdist.config import GRAD_COMPRESSION, Config, ConfigError, DataConfig, QuantConfig
 
 
 def _require(cond: bool, key: str, expected: str, value) -> None:
@@ -18,7 +18,14 @@ def _require(cond: bool, key: str, expected: str, value) -> None:
 def validate(cfg: Config) -> None:
     """Value checks that types alone cannot express. Shard existence is checked here too,
     except for demo shards that the run will generate."""
-    d, t, q, o, c, r = cfg.data, cfg.train, cfg.quant, cfg.optim, cfg.checkpoint, cfg.runtime
+    _check_run_and_model(cfg)
+    _check_data(cfg.data)
+    _check_training(cfg)
+    _check_quant(cfg.quant)
+    _check_runtime(cfg)
+
+
+def _check_run_and_model(cfg: Config) -> None:
     _require(bool(cfg.run.out_dir), "run.out_dir", "a non-empty path", cfg.run.out_dir)
     _require(bool(cfg.model.name), "model.name", "a model name", cfg.model.name)
     if cfg.model.weights:
@@ -28,6 +35,9 @@ def validate(cfg: Config) -> None:
             "an existing local file",
             cfg.model.weights,
         )
+
+
+def _check_data(d: DataConfig) -> None:
     _require(d.image_size >= 16, "data.image_size", "an integer >= 16", d.image_size)
     _require(d.num_classes >= 2, "data.num_classes", "an integer >= 2", d.num_classes)
     _require(d.num_workers >= 0, "data.num_workers", "an integer >= 0", d.num_workers)
@@ -70,6 +80,10 @@ def validate(cfg: Config) -> None:
                     f"a pattern matching shard files{hint}",
                     pattern,
                 )
+
+
+def _check_training(cfg: Config) -> None:
+    t, o = cfg.train, cfg.optim
     _require(t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs)
     _require(t.steps_per_epoch >= 0, "train.steps_per_epoch", "an integer >= 0", t.steps_per_epoch)
     _require(t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size)
@@ -89,6 +103,9 @@ def validate(cfg: Config) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
+
+
+def _check_quant(q: QuantConfig) -> None:
     _require(
         q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step
     )
@@ -123,6 +140,10 @@ def validate(cfg: Config) -> None:
         ">= 1",
         q.sensitivity_candidates,
     )
+
+
+def _check_runtime(cfg: Config) -> None:
+    c, r = cfg.checkpoint, cfg.runtime
     _require(c.every_steps >= 0, "checkpoint.every_steps", "an integer >= 0", c.every_steps)
     _require(c.keep_last >= 1, "checkpoint.keep_last", "an integer >= 1", c.keep_last)
     if c.resume_from:

@@ -15,6 +15,7 @@ import torch
 import torchao
 
 from qatdist import data, topology
+from qatdist.accuracy_control import AccuracyBudget
 from qatdist.baselines import Baselines
 from qatdist.checkpoint import (
     Checkpointer,
@@ -335,14 +336,18 @@ class Trainer:
         if self.first_sync_since_step is None or self.first_sync_since_step[0] != self.step:
             self.sync()
         baselines = self.baselines.at_end(self.qat, self.step)
+        # The model finalize converts: the trained one, or with layers in fp32 for the budget.
+        final, budget_fields = AccuracyBudget(self.cfg, self.env).apply(
+            self.qat, baselines.get("fp32_top1"), finetune_lr=self.scheduler.get_last_lr()[0]
+        )
         # Eval mode and paused observers through the state hashes, conversion and measures.
-        with self.qat.evaluating() as model:
+        with final.evaluating() as model:
             batches = self._val_batches(self.cfg.runtime.latency_batch_size)
             fq_top1 = distributed_top1(*count_correct(model, batches))
-            report = self._training_report(fq_top1, baselines)
+            report = self._training_report(fq_top1, baselines) | budget_fields
             if not self.env.is_rank0:
                 return None
-            return self._finalize(report)
+            return self._finalize(report, final)
 
     def _training_report(self, fq_top1: float, baselines: dict[str, float]) -> dict:
         """The report fields only training knows (collective: gathers every rank's state hash,
@@ -381,8 +386,8 @@ class Trainer:
             torchao_version=torchao.__version__,
         )
 
-    def _finalize(self, report: dict) -> dict:
-        """Rank 0: convert, compile, measure and write `final/` (report.json among it)."""
+    def _finalize(self, report: dict, final: QatModel) -> dict:
+        """Rank 0: convert `final`, compile, measure and write `final/` (report.json among it)."""
         cfg, r = self.cfg, self.cfg.runtime
         if self.placement.pinning and self.placement.node_cpus:
             # The other ranks are done: rank 0 takes its whole node for compile and benchmark.
@@ -394,8 +399,8 @@ class Trainer:
         # The AOTInductor package (about a minute to build for resnet18 on 2 cores) is left to
         # scripts/export_final.py, which runs this same step.
         report = finalize(
-            self.qat.prepared,
-            self.qat.fp32_model,
+            final.prepared,
+            final.fp32_model,
             lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
             image_size=cfg.data.image_size,
             batch_sizes=[r.latency_batch_size],
