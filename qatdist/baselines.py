@@ -5,7 +5,8 @@ quantization, and the final weights in float.
 - `ptq_int8_top1`: post-training quantization (`qatdist.quant.ptq`) of the float weights at the
   step fake quantization turns on (step 0 when fine-tuning from `model.weights`), calibrated on
   `quant.ptq_calibration_batches` train batches split across ranks: the int8 model the user
-  would have had without QAT.
+  would have had without QAT; `ptq_fp32_top1` is the same weights in float (when fake
+  quantization starts after some fp32 training, they are less trained than the final ones).
 - `fp32_top1`: the final weights in float (fake quant and observers off, BatchNorm in eval).
 
 Every measure is a collective over all ranks (each evaluates its share of the val shards) and
@@ -79,8 +80,20 @@ class Baselines:
                 image_size=cfg.data.image_size,
             )
             top1 = distributed_top1(*count_correct(int8, self.val_batches()))
+        # The float model PTQ started from: its top-1 is what PTQ's own drop is measured against.
+        with qat.evaluating(fake_quant=False) as model:
+            self.values["ptq_fp32_top1"] = distributed_top1(
+                *count_correct(model, self.val_batches())
+            )
         self.values["ptq_int8_top1"] = top1
-        log.info("baseline: post-training int8 (%d calibration batches), top-1 %.4f", total, top1)
+        log.info(
+            "baseline at step %d: float top-1 %.4f, post-training int8 (%d calibration batches) "
+            "%.4f",
+            self.ptq_step,
+            self.values["ptq_fp32_top1"],
+            total,
+            top1,
+        )
         return top1
 
     def at_end(self, qat: QatModel, step: int) -> dict[str, float]:

@@ -4,7 +4,9 @@
 `resolved_config.toml` exactly as the trainer builds it (`QatModel.build`), the checkpoint's
 model state (read through `qatdist.checkpoint`) is loaded into it, and
 `qatdist.finalize.finalize` (the trainer's own end-of-run step) converts, compiles, measures and
-writes the artifacts.
+writes the artifacts. Layers the trainer's accuracy budget kept in fp32 (its report of the same
+step lists them) stay in fp32 here too; the fine-tuning the search may have run after each
+change (`quant.fallback_finetune_steps`) is not in the checkpoint and is not repeated.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from pathlib import Path
 import tomllib
 
 from qatdist import config, data
+from qatdist.accuracy_control import with_fp32_layers
 from qatdist.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
 from qatdist.evaluate import count_correct
-from qatdist.finalize import finalize
+from qatdist.finalize import QuantizationIncomplete, finalize
 from qatdist.quant import QatModel
 from qatdist.runfolder import RunFolder
 
@@ -141,13 +144,14 @@ def export_run(
         val(1)  # names missing val shards now, before anything is built
     except config.ConfigError as e:
         raise ExportError(f"{RunFolder(run_dir).resolved_config}: {e}") from e
-    with run.qat.evaluating() as model:  # observers stay paused through finalize
+    report = training_fields(RunFolder(run_dir).final_report, run.step)
+    qat = with_budget_layers(run, report.get("fp32_fallback_layers") or [])
+    with qat.evaluating() as model:  # observers stay paused through finalize
         log.info("evaluating the fake-quant model")
         try:
             correct, seen = count_correct(model, val(max(batch_sizes)))
         except data.DataError as e:
             raise ExportError(f"validation data: {e}") from e
-        report = training_fields(RunFolder(run_dir).final_report, run.step)
         report |= {
             "model": cfg.model.name,
             "world_size": run.world_size,
@@ -161,13 +165,29 @@ def export_run(
         try:
             return finalize(
                 model,
-                run.qat.fp32_model,
+                qat.fp32_model,
                 val,
                 image_size=cfg.data.image_size,
                 batch_sizes=batch_sizes,
                 latency_iters=latency_iters or cfg.runtime.latency_iters,
                 out_dir=out_dir,
                 report=report,
+                require_full_quantization=cfg.runtime.require_full_quantization,
             )
         except (config.ConfigError, data.DataError) as e:  # shards gone or damaged meanwhile
             raise ExportError(f"validation data: {e}; nothing was written to {out_dir}") from e
+        except QuantizationIncomplete as e:
+            raise ExportError(str(e)) from e
+
+
+def with_budget_layers(run: LoadedRun, layers: list[str]) -> QatModel:
+    """The run's QAT model with `layers` (the trainer report's `fp32_fallback_layers` for this
+    step: the accuracy budget's choice) kept in fp32 as the trainer's final model had them;
+    the loaded model itself when there are none."""
+    if not layers:
+        return run.qat
+    log.info("keeping the accuracy budget's layers in fp32: %s", ", ".join(layers))
+    try:
+        return with_fp32_layers(run.qat, layers, image_size=run.cfg.data.image_size)
+    except ValueError as e:
+        raise ExportError(f"fp32_fallback_layers of the trainer's report: {e}") from e

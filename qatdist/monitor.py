@@ -355,8 +355,12 @@ class Monitor:
             width = max(len(label) for label, _ in rows)
             lines = [f"  {label:<{width}}  {value}" for label, value in rows]
             print("\n".join(["baselines (top-1 on the validation shards):", *lines]), flush=True)
+        if self.enabled and reports.budget_sentence(report):
+            print(reports.budget_sentence(report), flush=True)
         if self.writer is None:
             return
+        if reports.sensitivity_markdown(report):
+            self.text("final/sensitivity", reports.sensitivity_markdown(report))
         step = reports.field(report, "steps")
         metrics = {
             f"final/{key}": float(reports.field(report, key))

@@ -41,6 +41,7 @@ _KEYS = [
     ("start_fp32_top1", "float", "the model of `model.weights` as given, before any step"),
     ("fp32_top1", "float", "final weights in float: fake quant and observers off, BN in eval"),
     ("ptq_int8_top1", "float", "post-training int8 of the float model at fake_quant_start_step"),
+    ("ptq_fp32_top1", "float", "the float model that ptq_int8_top1 quantized, in float"),
     ("fp32_fake_quant_top1", "float", "final prepared QAT model (fake quant as trained)"),
     ("int8_top1", "float", "converted int8 model compiled by Inductor (eager when not compiled)"),
     ("int8_reference_top1", "float", "converted int8 model, eager q/dq reference graph"),
@@ -66,7 +67,13 @@ _KEYS = [
     ("accuracy_budget", "float", "quant.max_accuracy_drop the run had to meet (-1 = off)"),
     ("accuracy_budget_met", "bool", "int8_drop_vs_fp32 <= accuracy_budget"),
     ("fp32_fallback_layers", "list[str]", "layers moved to fp32 to meet the accuracy budget"),
-    ("sensitivity", "list[dict]", "per-layer accuracy sensitivity measured by the budget search"),
+    (
+        "sensitivity",
+        "list[dict]",
+        "per quantized layer, lowest SQNR first: layer, sqnr_db (error it adds in int8), "
+        "top1_gain_when_float and latency_cost_ms (null when not a measured candidate)",
+    ),
+    ("budget_candidates_per_rank", "list[int]", "budget-search candidates each rank evaluated"),
     # Quantization coverage
     ("fp32_conv_layers", "int", "convolution modules of the fp32 model"),
     ("fp32_linear_layers", "int", "linear modules of the fp32 model"),
@@ -199,6 +206,7 @@ def _fmt(value, digits: int = 4) -> str:
 _BASELINES = (
     ("start_fp32_top1", "fp32, weights as given (before training)"),
     ("fp32_top1", "fp32, final weights"),
+    ("ptq_fp32_top1", "fp32 at the PTQ step"),
     ("ptq_int8_top1", "PTQ int8 (no QAT)"),
     ("int8_top1", "QAT int8"),
     ("qat_gain_over_ptq", "QAT gain over PTQ"),
@@ -276,9 +284,52 @@ def _isa(capabilities: dict | None) -> str:
     return ", ".join(flags) or "none"
 
 
+def budget_sentence(report: dict) -> str | None:
+    """Whether the accuracy budget was met and which layers stayed in fp32 (None when the run
+    had no budget)."""
+    budget = field(report, "accuracy_budget")
+    if budget is None or budget < 0:
+        return None
+    layers = ", ".join(field(report, "fp32_fallback_layers") or []) or "none"
+    met = "met" if field(report, "accuracy_budget_met") else "NOT met"
+    return (
+        f"Accuracy budget {budget:.4f} (fp32 - int8 top-1) {met}: int8 drop "
+        f"{_fmt(field(report, 'int8_drop_vs_fp32'))}; layers kept in fp32 for it: {layers}."
+    )
+
+
+def sensitivity_markdown(report: dict) -> str | None:
+    """The budget search's sensitivity table as Markdown (None when the report has none)."""
+    rows = field(report, "sensitivity")
+    if not rows:
+        return None
+    lines = [
+        "| layer | SQNR dB | top-1 gain when float | latency cost ms |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {row['layer']} | {_fmt(row['sqnr_db'], 2)} | {_fmt(row['top1_gain_when_float'])} "
+        f"| {_fmt(row['latency_cost_ms'], 3)} |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _budget_md(report: dict) -> list[str]:
+    sentence, table = budget_sentence(report), sensitivity_markdown(report)
+    if sentence is None and table is None:
+        return []
+    lines = ["## Accuracy budget", ""]
+    if sentence:
+        lines += [sentence, ""]
+    if table:
+        lines += ["Per-layer sensitivity (lowest SQNR first):", "", table, ""]
+    return lines
+
+
 def markdown(report: dict) -> str:
-    """`report.md`: baselines, accuracy, latency/throughput per batch size, quantized op
-    counts, machine."""
+    """`report.md`: baselines, accuracy, the accuracy budget and sensitivity table (when the
+    run had one), latency/throughput per batch size, quantized op counts, machine."""
     f = lambda name: field(report, name)  # noqa: E731
     lines = [
         f"# Final int8 report: {f('model') or '?'}",
@@ -298,6 +349,7 @@ def markdown(report: dict) -> str:
         "",
         _agreement_sentence(report),
         "",
+        *_budget_md(report),
         "## Latency (median ms per batch) and throughput (images/s)",
         "",
         "| batch | fp32 compiled ms | int8 compiled ms | int8 AOTI ms | int8 speedup "

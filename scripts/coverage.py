@@ -60,6 +60,14 @@ KNOWN_CAUSES = (
         "low-memory pattern binds `ceil_mode` to its `offset_dtype` argument, so ceil-mode "
         "pooling is lowered in floor mode; the eager and converted models run at this size",
     ),
+    (
+        "train",
+        "is a view and is being modified inplace",
+        "qatdist (quant/fast_fake_quant.py): `_ObserveAndFakeQuantize.forward` returns "
+        "`out.view(x.shape)`, a view made inside the custom autograd Function, and autograd "
+        "forbids the in-place op that follows the fake quant here (`relu_`); fix: reshape "
+        "outside the Function",
+    ),
 )
 STAGES = ("build", "capture", "prepare", "train", "sync", "convert", "compile", "measure")
 

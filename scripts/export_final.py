@@ -97,10 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"export_final.py: error: {e}", file=sys.stderr)
         return 2
     out = args.out or RunFolder(args.run_dir).final
+    agreement = report.get("int8_aoti_agreement")  # None: no sample was comparable
+    agreement_text = "-" if agreement is None else f"{agreement:.4f}"
+    fallback = report.get("fp32_fallback_layers")
     print(
         f"{report['model']} step {report['steps']}: int8 top-1 {report['int8_top1']:.4f} "
         f"(fake-quant {report['fp32_fake_quant_top1']:.4f}), AOTI agreement "
-        f"{report['int8_aoti_agreement']:.4f}; "
+        f"{agreement_text}; "
+        + (f"kept in fp32 for the accuracy budget: {', '.join(fallback)}; " if fallback else "")
         + ", ".join(
             f"batch {row['batch_size']}: x{row['int8_speedup']:.2f}" for row in report["latency"]
         )

@@ -12,7 +12,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -283,3 +286,120 @@ def test_two_ranks_split_candidates_and_agree(one_hostile_state, tmp_path):
     assert report["accuracy_budget_met"] and report["fp32_fallback_layers"] == ["conv2"]
     measured = [r for r in report["sensitivity"] if r["top1_gain_when_float"] is not None]
     assert len(measured) == 2
+
+
+# --- the trainer and export_final with a budget (real 2-rank torchrun) ----------------------
+
+HOSTILE_LAYERS = {"conv1", "conv2", "conv3", "fc"}  # tests.hostile_model:hostile_cnn's
+
+
+def _final_float_layers(folder) -> list[str]:
+    """Layers the saved int8 program (model_int8.pt2) runs in float."""
+    import qatdist.quant  # noqa: F401  (registers the quantized ops torch.export.load needs)
+    from qatdist.quant.inspect import float_layers
+
+    return float_layers(torch.export.load(str(folder / "model_int8.pt2")).module())
+
+
+def _pretrained_hostile_weights(shards: dict[str, str], path) -> None:
+    """fp32 weights of tests.hostile_model:hostile_cnn trained on the tiny shards (held in
+    memory: a few seconds), clearly above chance, so that its int8 model (one class) misses
+    the budget."""
+    from hostile_model import hostile_cnn
+
+    from qatdist import data
+    from qatdist.config import DataConfig
+
+    cfg = DataConfig(
+        train_shards=shards["train_shards"],
+        val_shards=shards["val_shards"],
+        image_size=32,
+        num_workers=0,
+    )
+    batches = [
+        (b.images, b.labels)
+        for b in data.train_batches(
+            cfg, batch_size=16, steps=10, rank=0, world_size=1, seed=0, epoch=0
+        )
+    ]
+    torch.manual_seed(0)
+    model = hostile_cnn(10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(20):
+        for images, labels in batches:
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.save(model.state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def budget_run(tiny_shards, tmp_path_factory) -> dict:
+    """A 2-rank QAT fine-tuning run of the hostile CNN from pretrained fp32 weights with an
+    accuracy budget of 0.05, 2 candidates and one fine-tuning step after each change."""
+    from conftest import ROOT, tiny_run_args, torchrun
+
+    out_dir = tmp_path_factory.mktemp("budget_run")
+    weights = out_dir.parent / "hostile_fp32.pt"
+    _pretrained_hostile_weights(tiny_shards, weights)
+    args = tiny_run_args(
+        tiny_shards,
+        out_dir,
+        "--model.name=tests.hostile_model:hostile_cnn",
+        f"--model.weights={weights}",
+        "--train.lr=0.002",
+        "--quant.max_accuracy_drop=0.05",
+        "--quant.sensitivity_candidates=2",
+        "--quant.fallback_finetune_steps=1",
+    )
+    result = torchrun(args, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    report = json.loads((out_dir / "final" / "report.json").read_text())
+    return {"result": result, "out_dir": out_dir, "report": report}
+
+
+def test_trainer_keeps_the_hostile_layer_in_float_and_saves_that_model(budget_run):
+    report, final = budget_run["report"], budget_run["out_dir"] / "final"
+    detail = {k: report.get(k) for k in ("fp32_top1", "int8_top1", "sensitivity")}
+    rows = report["sensitivity"]
+    assert sorted(row["layer"] for row in rows) == sorted(HOSTILE_LAYERS)  # the trained model's
+    assert all(
+        set(row) == {"layer", "sqnr_db", "top1_gain_when_float", "latency_cost_ms"} for row in rows
+    )
+    assert [row["sqnr_db"] for row in rows] == sorted(row["sqnr_db"] for row in rows)
+    assert rows[0]["layer"] == "conv2", detail
+    # full int8 missed the budget: 2 candidates measured, one by each rank
+    assert report["budget_candidates_per_rank"] == [1, 1], detail
+    measured = [row for row in rows if row["top1_gain_when_float"] is not None]
+    assert len(measured) == 2
+    assert all(isinstance(row["latency_cost_ms"], float) for row in measured)
+    assert report["fp32_fallback_layers"][:1] == ["conv2"], detail
+    assert report["accuracy_budget"] == 0.05
+    assert report["accuracy_budget_met"] == (report["fp32_top1"] - report["int8_top1"] <= 0.05)
+    # the saved int8 model is the chosen one: exactly the fallback layers stay in float
+    assert sorted(_final_float_layers(final)) == sorted(report["fp32_fallback_layers"])
+    assert report["quantization_complete"] is True
+    assert "## Accuracy budget" in (final / "report.md").read_text()
+    assert "Accuracy budget 0.0500" in budget_run["result"].stdout
+
+
+def test_export_final_keeps_the_budget_layers_in_float(budget_run, tmp_path):
+    """export_final reads the trainer's fp32_fallback_layers for the checkpoint's step and
+    rebuilds the model with them in fp32."""
+    from conftest import ROOT
+
+    layers = budget_run["report"]["fp32_fallback_layers"]
+    assert layers
+    out = tmp_path / "export"
+    command = [sys.executable, str(ROOT / "scripts" / "export_final.py")]
+    command += ["--run-dir", str(budget_run["out_dir"]), "--out", str(out), "--batch-sizes", "4"]
+    # the model factory (tests.hostile_model) imports from the repository root
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    exported = json.loads((out / "report.json").read_text())
+    assert exported["fp32_fallback_layers"] == layers
+    assert exported["quantization_complete"] is True
+    assert sorted(_final_float_layers(out)) == sorted(layers)
+    assert "kept in fp32 for the accuracy budget" in result.stdout
