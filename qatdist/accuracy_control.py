@@ -23,7 +23,12 @@ from qatdist.distributed import DistEnv, wrap_ddp
 from qatdist.evaluate import preserved_rng
 from qatdist.optim import build_optimizer
 from qatdist.quant import QatModel
-from qatdist.quant.accuracy import CompiledLatencyCost, full_val_top1, meet_accuracy_budget
+from qatdist.quant.accuracy import (
+    BudgetResult,
+    CompiledLatencyCost,
+    full_val_top1,
+    meet_accuracy_budget,
+)
 from qatdist.quant.layer_error import make_rebuilder
 from qatdist.quant.sync import sync_quant_stats
 from qatdist.step import train_step
@@ -59,6 +64,27 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
     example = torch.randn(2, 3, image_size, image_size)
     rebuild = make_rebuilder(_rebuildable_fp32(qat), example, qat.quant_cfg, phase=qat.phase)
     return _qat_model(qat, rebuild(qat.prepared, names), names)
+
+
+def _log_outcome(result: BudgetResult) -> None:
+    drop = result.fp32_top1 - result.int8_top1
+    layers = result.fp32_fallback_layers or "no layer"
+    if result.accuracy_budget_met:
+        log.info(
+            "accuracy budget met: int8 drop %.4f <= %.4f with %s in fp32",
+            drop,
+            result.accuracy_budget,
+            layers,
+        )
+        return
+    log.warning(
+        "accuracy budget NOT met: int8 drop %.4f > %.4f; the best model found (%s in fp32) is "
+        "saved. Raise quant.sensitivity_candidates or quant.fallback_finetune_steps, or accept "
+        "a larger quant.max_accuracy_drop.",
+        drop,
+        result.accuracy_budget,
+        layers,
+    )
 
 
 class AccuracyBudget:
@@ -114,23 +140,8 @@ class AccuracyBudget:
         # finalize measures int8_top1 (compiled) and fp32_top1 is the baseline's
         del fields["int8_top1"], fields["fp32_top1"]
         fields["budget_candidates_per_rank"] = fields.pop("candidates_evaluated_per_rank")
-        drop = result.fp32_top1 - result.int8_top1
-        if result.accuracy_budget_met:
-            log.info(
-                "accuracy budget met: int8 drop %.4f <= %.4f with %s in fp32",
-                drop,
-                result.accuracy_budget,
-                result.fp32_fallback_layers or "no layer",
-            )
-        else:
-            log.warning(
-                "accuracy budget NOT met: int8 drop %.4f > %.4f; the best model found (%s in "
-                "fp32) is saved. Raise quant.sensitivity_candidates or "
-                "quant.fallback_finetune_steps, or accept a larger quant.max_accuracy_drop.",
-                drop,
-                result.accuracy_budget,
-                result.fp32_fallback_layers or "no layer",
-            )
+        if self.env.is_rank0:  # every rank holds the same result
+            _log_outcome(result)
         if result.model is qat.prepared:
             return qat, fields
         names = [*cfg.quant.fp32_module_names, *result.fp32_fallback_layers]

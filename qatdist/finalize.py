@@ -92,12 +92,16 @@ def build_aoti_package(exported: torch.export.ExportedProgram, path: Path) -> Pa
 
 
 def layer_counts(model: torch.nn.Module) -> dict[str, int]:
-    """Convolution and linear modules of an eager fp32 model, to compare the lowered counts to."""
+    """Convolution and linear layers of an eager fp32 model, to compare the lowered counts to.
+    A MultiheadAttention's input projection is a linear held as a parameter, not a module (its
+    output projection is an `nn.Linear` module)."""
     convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     modules = list(model.modules())
+    linears = sum(isinstance(m, torch.nn.Linear) for m in modules)
+    attention = sum(isinstance(m, torch.nn.MultiheadAttention) for m in modules)
     return {
         "fp32_conv_layers": sum(isinstance(m, convs) for m in modules),
-        "fp32_linear_layers": sum(isinstance(m, torch.nn.Linear) for m in modules),
+        "fp32_linear_layers": linears + attention,
     }
 
 
@@ -323,7 +327,10 @@ def _flag_slower_int8(full: dict) -> dict:
             "int8 is slower than fp32 (x%.2f at batch %d); likely causes: %s",
             full["int8_speedup"],
             full["latency_batch_size"],
-            "; ".join(full["int8_slower_causes"]) or "none of those checked",
+            "; ".join(full["int8_slower_causes"])
+            or "none of the checked ones (ISA, batch size, threads, layers left in float); small "
+            "layers, or float ops between int8 ones (attention, normalisation), can cost more in "
+            "quantize/dequantize than int8 saves",
         )
     return full
 

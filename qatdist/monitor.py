@@ -345,8 +345,9 @@ class Monitor:
     # --- the end --------------------------------------------------------------------------
 
     def final(self, report: dict, cfg: Config) -> None:
-        """The baselines table on the console; final latencies, speedup and accuracies (and
-        the baselines when measured) as `final/` scalars, the monitor's own time as a fraction
+        """The baselines table and the accuracy budget's outcome on the console, the budget's
+        sensitivity table as `final/sensitivity` text; final latencies, speedup and accuracies
+        (and the baselines when measured) as `final/` scalars, the monitor's own time as a fraction
         of the training loop's, and the run's hyperparameters with those metrics (hparams
         plugin)."""
         rows = reports.baseline_rows(report)

@@ -301,11 +301,10 @@ def _final_float_layers(folder) -> list[str]:
     return float_layers(torch.export.load(str(folder / "model_int8.pt2")).module())
 
 
-def _pretrained_hostile_weights(shards: dict[str, str], path) -> None:
-    """fp32 weights of tests.hostile_model:hostile_cnn trained on the tiny shards (held in
-    memory: a few seconds), clearly above chance, so that its int8 model (one class) misses
-    the budget."""
-    from hostile_model import hostile_cnn
+def _pretrained_hostile(shards: dict[str, str], factory: str = "hostile_cnn") -> torch.nn.Module:
+    """A model of tests.hostile_model trained in float on the tiny shards (held in memory: a
+    few seconds), clearly above chance, so that its int8 model (one class) misses a budget."""
+    import hostile_model
 
     from qatdist import data
     from qatdist.config import DataConfig
@@ -323,7 +322,7 @@ def _pretrained_hostile_weights(shards: dict[str, str], path) -> None:
         )
     ]
     torch.manual_seed(0)
-    model = hostile_cnn(10)
+    model = getattr(hostile_model, factory)(10)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(20):
         for images, labels in batches:
@@ -331,7 +330,7 @@ def _pretrained_hostile_weights(shards: dict[str, str], path) -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    torch.save(model.state_dict(), path)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +341,7 @@ def budget_run(tiny_shards, tmp_path_factory) -> dict:
 
     out_dir = tmp_path_factory.mktemp("budget_run")
     weights = out_dir.parent / "hostile_fp32.pt"
-    _pretrained_hostile_weights(tiny_shards, weights)
+    torch.save(_pretrained_hostile(tiny_shards).state_dict(), weights)
     args = tiny_run_args(
         tiny_shards,
         out_dir,
@@ -382,6 +381,12 @@ def test_trainer_keeps_the_hostile_layer_in_float_and_saves_that_model(budget_ru
     assert report["quantization_complete"] is True
     assert "## Accuracy budget" in (final / "report.md").read_text()
     assert "Accuracy budget 0.0500" in budget_run["result"].stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(budget_run["out_dir"] / "tb"), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("final/sensitivity/text_summary")[0].tensor_proto.string_val[0]
+    assert text.decode().splitlines()[2].startswith("| conv2 | ")
 
 
 def test_export_final_keeps_the_budget_layers_in_float(budget_run, tmp_path):
@@ -403,3 +408,55 @@ def test_export_final_keeps_the_budget_layers_in_float(budget_run, tmp_path):
     assert exported["quantization_complete"] is True
     assert sorted(_final_float_layers(out)) == sorted(layers)
     assert "kept in fp32 for the accuracy budget" in result.stdout
+
+
+def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, tmp_path, caplog):
+    """AccuracyBudget (the trainer's side) on one gloo rank: two hostile layers, one candidate
+    measured, budget 0. The budget is not met, the returned model keeps the best layer found in
+    fp32 (after one fine-tuning step), and a warning says so."""
+    from qatdist.accuracy_control import AccuracyBudget
+    from qatdist.config import Config, DataConfig, RuntimeConfig
+    from qatdist.distributed import DistEnv
+    from qatdist.quant import QatModel
+    from qatdist.quant.inspect import annotated_layers
+
+    model = _pretrained_hostile(tiny_shards, "two_hostile_cnn")
+    data_cfg = DataConfig(
+        train_shards=tiny_shards["train_shards"],
+        val_shards=tiny_shards["val_shards"],
+        image_size=32,
+        num_workers=0,
+    )
+    quant = QuantConfig(max_accuracy_drop=0.0, sensitivity_candidates=1, fallback_finetune_steps=1)
+    cfg = Config(
+        data=data_cfg,
+        quant=quant,
+        runtime=RuntimeConfig(compile_final=False, latency_batch_size=8),
+    )
+    qat = QatModel.from_fp32(model, quant, image_size=32)
+    with torch.no_grad():  # observers calibrated on a few batches, as a short QAT would
+        for _ in range(3):
+            qat.prepared(torch.rand(8, 3, 32, 32) * 2 - 1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        with caplog.at_level("WARNING", logger="qatdist"):
+            final, fields = AccuracyBudget(cfg, DistEnv(0, 1, 0, 1, 0)).apply(
+                qat, None, finetune_lr=0.001
+            )
+    finally:
+        dist.destroy_process_group()
+    assert fields["accuracy_budget"] == 0.0 and fields["accuracy_budget_met"] is False
+    assert fields["budget_candidates_per_rank"] == [1]
+    assert "int8_top1" not in fields and "fp32_top1" not in fields  # finalize's to measure
+    top = fields["sensitivity"][0]["layer"]
+    assert top in ("conv2", "conv3")
+    # the other hostile layer still breaks int8: the candidate alone gains nothing (or, if the
+    # first broken layer hid the second's damage, something); the best model found is kept
+    if fields["sensitivity"][0]["top1_gain_when_float"] > 0:
+        assert fields["fp32_fallback_layers"] == [top]
+        kept = annotated_layers(final.prepared)["conv"]
+        assert top not in kept and "conv1" in kept
+        assert final.quant_cfg.fp32_module_names == [top]
+    else:
+        assert fields["fp32_fallback_layers"] == [] and final is qat
+    assert "accuracy budget NOT met" in caplog.text
