@@ -146,12 +146,16 @@ def export_run(
         raise ExportError(f"{RunFolder(run_dir).resolved_config}: {e}") from e
     report = training_fields(RunFolder(run_dir).final_report, run.step)
     qat = with_budget_layers(run, report.get("fp32_fallback_layers") or [])
-    with qat.evaluating() as model:  # observers stay paused through finalize
-        log.info("evaluating the fake-quant model")
-        try:
+    try:
+        log.info("evaluating the weights in float")
+        with qat.evaluating(fake_quant=False) as model:
+            fp32_correct, seen = count_correct(model, val(max(batch_sizes)))
+        with qat.evaluating() as model:  # observers stay paused through finalize
+            log.info("evaluating the fake-quant model")
             correct, seen = count_correct(model, val(max(batch_sizes)))
-        except data.DataError as e:
-            raise ExportError(f"validation data: {e}") from e
+    except data.DataError as e:
+        raise ExportError(f"validation data: {e}") from e
+    with qat.evaluating() as model:
         report |= {
             "model": cfg.model.name,
             "world_size": run.world_size,
@@ -161,6 +165,7 @@ def export_run(
             "run_dir": str(run_dir),
             "produced_by": "scripts/export_final.py",
             "fp32_fake_quant_top1": correct / seen if seen else 0.0,
+            "fp32_top1": fp32_correct / seen if seen else 0.0,
         }
         try:
             return finalize(

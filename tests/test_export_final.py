@@ -58,7 +58,13 @@ def test_report_fields(export, run_dir):
     assert report["world_size"] == 2 and report["steps"] == 8
     assert report["checkpoint"] == str(run_dir / "checkpoints" / "step-8")
     assert report["int8_eval_samples"] == 40  # every val sample, 4 per class x 10
-    for key in ("fp32_fake_quant_top1", "int8_top1", "int8_reference_top1", "int8_aoti_top1"):
+    for key in (
+        "fp32_top1",
+        "fp32_fake_quant_top1",
+        "int8_top1",
+        "int8_reference_top1",
+        "int8_aoti_top1",
+    ):
         assert 0.0 <= report[key] <= 1.0
     assert [row["batch_size"] for row in report["latency"]] == [1, 4]
     for row in report["latency"]:

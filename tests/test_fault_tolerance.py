@@ -196,7 +196,7 @@ KILL_MID_WRITE = textwrap.dedent(
 
     step, attempt = sys.argv[1:3]
     if os.environ["RANK"] == "0" and os.environ["TORCHELASTIC_RESTART_COUNT"] == attempt:
-        original = checkpoint._save_file
+        original = checkpoint.save_file
 
         def save_then_die(obj, path):
             entry = original(obj, path)
@@ -204,7 +204,7 @@ KILL_MID_WRITE = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             return entry
 
-        checkpoint._save_file = save_then_die
+        checkpoint.save_file = save_then_die
     sys.exit(train.main(sys.argv[3:]))
     """
 )
