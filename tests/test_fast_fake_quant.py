@@ -197,3 +197,18 @@ def test_prepared_model_trains_and_converts_identically(kernel_calls):
     images = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(convert_to_int8(reference)(images), convert_to_int8(fast)(images))
+
+
+@pytest.mark.parametrize("make", [_activation_fake_quant, _weight_fake_quant])
+def test_output_may_be_modified_in_place(make, kernel_calls):
+    """googlenet's `relu_` and efficientnet_v2's residual `add_` act on a fake quant's output:
+    the fast path's output must allow it, with the same gradient as torchao's op."""
+    reference, fast = _pair(make)
+    x = _inputs((128, 32, 4, 4), 0)
+    x_ref, x_fast = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_ref, out_fast = reference(x_ref), fast(x_fast)
+    assert kernel_calls  # the fast kernel ran
+    out_ref.mul_(2.0).relu_().sum().backward()
+    out_fast.mul_(2.0).relu_().sum().backward()
+    assert torch.equal(out_ref, out_fast)
+    assert torch.equal(x_ref.grad, x_fast.grad)

@@ -143,24 +143,30 @@ _observe_and_fake_quant_kernel = _compiled(_observe_and_fake_quant)
 _fake_quant_grad_kernel = _compiled(_fake_quant_grad)
 
 
-def _flat(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """`x` as rows of channels (channel axis 0) or as one vector, no copy when contiguous.
+def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """`x` as rows of channels (channel axis 0) or as one vector, no copy when contiguous."""
+    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(-1)
 
-    Detached, and so neither a view nor requiring grad: the kernels see one kind of input
-    whatever the caller passes, so Dynamo keeps one compiled graph per rank instead of
+
+def _flat(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """`_rows(x)` detached, and so neither a view nor requiring grad: the kernels see one kind
+    of input whatever the caller passes, so Dynamo keeps one compiled graph per rank instead of
     recompiling on `requires_grad` and view-base guards."""
-    return (x.reshape(x.shape[0], -1) if per_channel else x.reshape(-1)).detach()
+    return _rows(x, per_channel).detach()
 
 
 class _ObserveAndFakeQuantize(torch.autograd.Function):
     """Observer update, qparams and fake quantization in one kernel; the backward is the
-    straight-through estimator, its mask recomputed from the input."""
+    straight-through estimator, its mask recomputed from the input. Takes and returns the
+    flattened (`_flat`) tensor: the caller reshapes outside the Function, because a Function's
+    output that is a view may not be modified in place (googlenet's `relu_`, efficientnet_v2's
+    residual `add_` after a fake quant)."""
 
     @staticmethod
-    def forward(ctx, x, module, observe: bool):
+    def forward(ctx, rows, module, observe: bool):
         observer = module.activation_post_process
         per_channel = module.is_per_channel
-        flat = _flat(x, per_channel)
+        flat = rows.detach()  # see `_flat`
         out, new_min, new_max, scale, zero_point = _observe_and_fake_quant_kernel(
             flat,
             observer.min_val,
@@ -179,15 +185,16 @@ class _ObserveAndFakeQuantize(torch.autograd.Function):
         write_resized(module.zero_point, zero_point)
         ctx.save_for_backward(flat, scale, zero_point)
         ctx.args = (observer.quant_min, observer.quant_max, per_channel)
-        return out.view(x.shape)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         flat, scale, zero_point = ctx.saved_tensors
-        grad_flat = _fake_quant_grad_kernel(
-            flat, scale, zero_point, grad.reshape(flat.shape).detach(), *ctx.args
+        return (
+            _fake_quant_grad_kernel(flat, scale, zero_point, grad.detach(), *ctx.args),
+            None,
+            None,
         )
-        return grad_flat.view(grad.shape), None, None
 
 
 class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
@@ -224,7 +231,8 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 observer.min_val.copy_(new_min)
                 observer.max_val.copy_(new_max)
             return X
-        return _ObserveAndFakeQuantize.apply(X, self, observe)
+        rows = _rows(X, self.is_per_channel)
+        return _ObserveAndFakeQuantize.apply(rows, self, observe).view(X.shape)
 
     def _kernels_pay_off(self, X: torch.Tensor) -> bool:
         if X.numel() >= MIN_KERNEL_ELEMENTS:

@@ -13,6 +13,13 @@ torchao's `move_exported_model_to_train/eval` rewrite every `aten.batch_norm.def
 - `num_batches_tracked` is incremented by a separate `add_` node that no switch touches, so it
   counted eval batches too. Here the increment is 0 in eval mode and while BatchNorm is frozen.
 
+torchvision's StochasticDepth is captured in train mode as a random row/batch mask,
+`empty -> bernoulli_(survival) -> div_(survival) -> mul(input, mask)` (`div_` only when the
+survival rate is > 0, `bernoulli_`'s p left out when it is the default 0.5), which no torchao
+switch touches. `to_eval` sets both literals to 1.0 (mask of ones: the input unchanged, as
+torchvision's eval), keeping the train-mode values in each node's meta; `to_train` puts them
+back. The meta survives deep copies, so a converted copy is neutralised the same way.
+
 BatchNorm frozen means: the running statistics are used and not updated, in train mode too.
 Whether it is frozen is kept in the graph (train mode) and in a `_qatdist_bn_frozen` attribute
 (eval mode, where every BatchNorm uses running statistics anyway).
@@ -41,6 +48,12 @@ _BN_FROZEN_ATTR = "_qatdist_bn_frozen"
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
 _ADD_ = torch.ops.aten.add_.Tensor
+_EMPTY = torch.ops.aten.empty.memory_format
+_BERNOULLI_ = torch.ops.aten.bernoulli_.float
+_DIV_ = torch.ops.aten.div_.Tensor
+# node.meta key: a stochastic-depth literal's train-mode value while the graph is in eval mode
+_TRAIN_LITERAL = "qatdist_train_literal"
+_BERNOULLI_DEFAULT_P = None  # saved for a `bernoulli_` whose p export left out (the default)
 
 
 @dataclass(frozen=True)
@@ -170,13 +183,66 @@ def _restore_literals(gm: torch.fx.GraphModule, saved: tuple[dict, list]) -> Non
         gm.recompile()
 
 
+def _stochastic_depth_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The `bernoulli_` nodes that draw a stochastic-depth mask into a fresh `empty` tensor, each
+    followed by the `div_` by the survival rate when there is one."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != _BERNOULLI_:
+            continue
+        noise = node.args[0]
+        if not (isinstance(noise, torch.fx.Node) and noise.target == _EMPTY):
+            continue
+        out.append(node)
+        scale = list(node.users)
+        if len(scale) == 1 and scale[0].target == _DIV_ and scale[0].args[0] is node:
+            if isinstance(scale[0].args[1], (int, float)):
+                out.append(scale[0])
+    return out
+
+
+def _mask_literal(node: torch.fx.Node) -> float | None:
+    """`bernoulli_`'s p (None when left out) or `div_`'s divisor."""
+    if node.target == _BERNOULLI_:
+        return node.kwargs.get("p", node.args[1] if len(node.args) > 1 else _BERNOULLI_DEFAULT_P)
+    return node.args[1]
+
+
+def _set_mask_literal(node: torch.fx.Node, value: float | None) -> bool:
+    if _mask_literal(node) == value and "p" not in node.kwargs:
+        return False
+    node.kwargs = {k: v for k, v in node.kwargs.items() if k != "p"}
+    node.args = (node.args[0],) if value is _BERNOULLI_DEFAULT_P else (node.args[0], value)
+    return True
+
+
+def _set_stochastic_depth_identity(gm: torch.fx.GraphModule) -> bool:
+    """Every stochastic-depth mask all ones (p 1.0, divisor 1.0); the train-mode literal is
+    kept in the node's meta unless an earlier switch kept it already."""
+    changed = False
+    for node in _stochastic_depth_nodes(gm):
+        node.meta.setdefault(_TRAIN_LITERAL, _mask_literal(node))
+        changed |= _set_mask_literal(node, 1.0)
+    return changed
+
+
+def _restore_stochastic_depth(gm: torch.fx.GraphModule) -> bool:
+    changed = False
+    for node in _stochastic_depth_nodes(gm):
+        if _TRAIN_LITERAL in node.meta:
+            changed |= _set_mask_literal(node, node.meta.pop(_TRAIN_LITERAL))
+    return changed
+
+
 def to_train(model: torch.nn.Module, phase: QatPhase) -> None:
-    """Train mode (torchao's rewrite), with the model's own BatchNorm/dropout literals and the
-    BatchNorm freeze of `phase` applied again."""
+    """Train mode (torchao's rewrite), with the model's own BatchNorm/dropout/stochastic-depth
+    literals and the BatchNorm freeze of `phase` applied again."""
     gm = _graph_module(model)
     saved = _literals(gm)
     move_exported_model_to_train(gm)
     _restore_literals(gm, saved)
+    if _restore_stochastic_depth(gm):
+        gm.recompile()
     if phase.bn_frozen:
         freeze_bn(gm)
     else:
@@ -184,12 +250,14 @@ def to_train(model: torch.nn.Module, phase: QatPhase) -> None:
 
 
 def to_eval(model: torch.nn.Module) -> None:
-    """Eval mode (torchao's rewrite), keeping the model's own BatchNorm/dropout literals; eval
-    forwards don't count batches."""
+    """Eval mode (torchao's rewrite), keeping the model's own BatchNorm/dropout literals;
+    stochastic depth passes its input unchanged and eval forwards don't count batches."""
     gm = _graph_module(model)
     saved = _literals(gm)
     move_exported_model_to_eval(gm)
     _restore_literals(gm, saved)
+    if _set_stochastic_depth_identity(gm):
+        gm.recompile()
     _set_bn_training(gm, False)
 
 
