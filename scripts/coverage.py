@@ -167,7 +167,7 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
     from qatdist.data import train_batches, val_batches
     from qatdist.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
     from qatdist.optim import build_optimizer
-    from qatdist.quant import QatModel, capture, compile_for_inference, prepare_qat
+    from qatdist.quant import QatModel, capture, compile_for_inference
     from qatdist.quant.inspect import count_quantized_ops
     from qatdist.step import train_step
 
@@ -182,7 +182,7 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
     with stage("capture"):
         graph = capture(copy.deepcopy(fp32), torch.randn(2, 3, size, size))
     with stage("prepare"):
-        model = QatModel(fp32, prepare_qat(graph, quant_cfg), quant_cfg)
+        model = QatModel.from_captured(fp32, graph, quant_cfg)
     with stage("train"):
         optimizer = build_optimizer(model.parameters(), Config())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

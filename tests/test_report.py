@@ -13,10 +13,9 @@ from qatdist import finalize as fin
 from qatdist import report as reports
 from qatdist.config import QuantConfig
 from qatdist.evaluate import DecidedAgreement, agreement_where_decided, top2_margin
+from qatdist.quant import QatModel
 from qatdist.quant import inspect as quant_inspect
-from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.prepare import prepare_qat
 from qatdist.quant.schedule import to_eval
 
 # --- margin-aware agreement -------------------------------------------------------------------
@@ -147,7 +146,7 @@ def test_slower_int8_names_the_checkable_causes():
 
 def _prepared(cfg: QuantConfig) -> torch.fx.GraphModule:
     torch.manual_seed(0)
-    prepared = prepare_qat(capture(tiny_cnn(10), torch.randn(2, 3, 16, 16)), cfg)
+    prepared = QatModel.from_fp32(tiny_cnn(10), cfg, image_size=16).prepared
     prepared(torch.randn(8, 3, 16, 16))  # observe once: qparams for convert
     to_eval(prepared)
     return prepared

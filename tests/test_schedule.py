@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+from torchvision.ops import StochasticDepth
 
 from qatdist.config import QuantConfig
 from qatdist.quant import QatModel, capture, schedule
@@ -278,3 +279,70 @@ def test_schedule_reaches_a_model_wrapped_in_another_module():
     schedule.apply_phase(wrapper, phase)
     assert schedule.current_phase(model) == phase
     assert all(args[0] is False for args in _bn_args(model))
+
+
+class StochasticDepthNet(nn.Module):
+    """Two residual blocks whose branch goes through torchvision's StochasticDepth: p=0.5 (export
+    leaves `bernoulli_`'s p out, the default) and p=0.2 in batch mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop1 = StochasticDepth(p=0.5, mode="row")
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.drop2 = StochasticDepth(p=0.2, mode="batch")
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = x + self.drop1(F.relu(self.conv1(x)))
+        x = x + self.drop2(F.relu(self.conv2(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def _mask_args(model):
+    ops = (torch.ops.aten.bernoulli_.float, torch.ops.aten.div_.Tensor)
+    return [(n.args[1:], n.kwargs) for n in model.graph.nodes if n.target in ops]
+
+
+def test_stochastic_depth_is_identity_in_eval_and_int8_and_random_in_train():
+    torch.manual_seed(0)
+    net = StochasticDepthNet()
+    qat = QatModel.from_fp32(net, QuantConfig(), image_size=16)
+    train_args = _mask_args(qat.prepared)
+    assert train_args == [((), {}), ((0.5,), {}), ((0.8,), {}), ((0.8,), {})]
+    qat.prepared(_batch())  # observers learn ranges
+    x = _batch()
+    with torch.no_grad():
+        with qat.evaluating(fake_quant=False) as model:
+            assert _mask_args(model) == [((1.0,), {})] * 4
+            off = [model(x) for _ in range(2)]
+        with qat.evaluating() as model:
+            on = [model(x) for _ in range(2)]
+        reference = net.eval()(x)  # torchvision's eval: the branch unchanged
+    torch.testing.assert_close(off[0], reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(off[0], off[1]) and torch.equal(on[0], on[1])
+
+    assert _mask_args(qat.prepared) == train_args
+    schedule.to_eval(qat.prepared)  # twice: the train-mode literals are kept once
+    schedule.to_eval(qat.prepared)
+    schedule.to_train(qat.prepared, qat.phase)
+    assert _mask_args(qat.prepared) == train_args
+    torch.manual_seed(1)
+    with torch.no_grad():
+        first, second = qat.prepared(x), qat.prepared(x)
+    assert (first - second).abs().max() > 1e-3
+
+    int8 = qat.to_int8()
+    assert _mask_args(int8) == [((1.0,), {})] * 4
+    with torch.no_grad():
+        outputs = []
+        for seed in (2, 3):
+            torch.manual_seed(seed)
+            outputs.append(int8(x))
+        exported = torch.export.export(int8, (x,)).module()
+        outputs.append(exported(x))
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert _mask_args(qat.prepared) == train_args  # the conversion copied; training goes on

@@ -1,36 +1,45 @@
-"""Attention projections annotated like any other linear.
+"""Linears called as functions (attention projections and the like) annotated like nn.Linear.
 
 `X86InductorQuantizer` finds linears by their source partition: the innermost
-`nn_module_stack` entry must be an `nn.Linear` (or the source function `F.linear`).
-`nn.MultiheadAttention` computes its input projection (`in_proj_weight`, or
-`q/k/v_proj_weight`) and its output projection (`out_proj`, called through
-`F.multi_head_attention_forward`, not as a module) with `F.linear` inside its own forward, so the
-exported `aten.linear` nodes are attributed to the MultiheadAttention module and stay fp32: 4 of
-the 9 linears of a 2-layer torchvision ViT (torch 2.14, torchao 0.18).
+`nn_module_stack` entry must be an `nn.Linear` (or the source function `F.linear`; torch 2.14's
+export leaves `source_fn_stack` unset, so the stack decides). A module that calls `F.linear` on
+its own parameters inside its forward exports `aten.linear` nodes attributed to itself, and they
+stay fp32 (torch 2.14, torchao 0.18):
+- `nn.MultiheadAttention`: its input projection (`in_proj_weight`, or `q/k/v_proj_weight`) and
+  output projection (`out_proj`, called through `F.multi_head_attention_forward`, not as a
+  module): 4 of the 9 linears of a 2-layer torchvision ViT;
+- torchvision Swin's `ShiftedWindowAttention(V2)`: `shifted_window_attention` calls `F.linear`
+  with `qkv.weight` and `proj.weight` (V2 also with a cloned, partly zeroed `qkv` bias): 24 of
+  52 linears of swin_t (its `cpb_mlp` is called as modules and was annotated already);
+- any user module that calls `F.linear(x, self.weight)`.
 
-`attribute_attention_projections` gives each such node an innermost stack entry of its own, an
-`nn.Linear` named after its weight (`...self_attention.in_proj`, `...self_attention.out_proj`),
-so the quantizer's linear annotation applies, and module-name filters still see the attention
-module above it (keeping `...self_attention` in fp32 keeps its projections in fp32 too).
+`attribute_functional_linears` gives every `aten.linear` node whose weight is a parameter
+(`get_attr`) and whose innermost module is not an `nn.Linear` an innermost stack entry of its
+own: an `nn.Linear` named after its weight (`...self_attention.in_proj`, `...attn.qkv`,
+`...attn.proj`), with the capture's `@N` convention when one weight feeds several linears. The
+quantizer's linear annotation then applies (the bias may be computed: it is not quantized), and
+module-name filters still see the module above it (keeping `...self_attention` or `...attn` in
+fp32 keeps its projections in fp32 too; `...attn.qkv` names one projection).
 """
 
 from __future__ import annotations
 
 import torch
 
-_LINEAR = "torch.nn.modules.linear.Linear"
-_ATTENTION = torch.nn.MultiheadAttention
+_LINEAR = torch.nn.Linear
+_LINEAR_NAME = f"{_LINEAR.__module__}.{_LINEAR.__qualname__}"
 
 
-def _is_attention(module_type) -> bool:
+def _is_linear(module_type) -> bool:
+    """Whether the quantizer's source partitions already take this stack entry as nn.Linear."""
     if isinstance(module_type, type):
-        return issubclass(module_type, _ATTENTION)
-    return module_type == f"{_ATTENTION.__module__}.{_ATTENTION.__qualname__}"
+        return issubclass(module_type, _LINEAR)
+    return module_type == _LINEAR_NAME
 
 
-def _projection_path(weight: torch.fx.Node) -> str:
-    """`a.self_attention.in_proj_weight` -> `a.self_attention.in_proj`; `a.out_proj.weight` ->
-    `a.out_proj`."""
+def _weight_owner_path(weight: torch.fx.Node) -> str:
+    """`a.self_attention.in_proj_weight` -> `a.self_attention.in_proj`; `a.attn.qkv.weight` ->
+    `a.attn.qkv`; any other parameter name is kept whole."""
     target = weight.target
     for suffix in (".weight", "_weight"):
         if target.endswith(suffix):
@@ -38,24 +47,30 @@ def _projection_path(weight: torch.fx.Node) -> str:
     return target
 
 
-def attribute_attention_projections(gm: torch.fx.GraphModule) -> int:
-    """Re-attribute the `aten.linear` nodes of every MultiheadAttention to an `nn.Linear` stack
-    entry (see the module docstring). Returns the number of nodes re-attributed."""
+def attribute_functional_linears(gm: torch.fx.GraphModule) -> int:
+    """Give every `aten.linear` node on a parameter weight whose innermost module is not an
+    `nn.Linear` an `nn.Linear` stack entry named after the weight (see the module docstring).
+    Returns the number of nodes re-attributed."""
+    calls: dict[str, int] = {}
     count = 0
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target != torch.ops.aten.linear.default:
             continue
-        stack = node.meta.get("nn_module_stack")
         weight = node.args[1]
-        if not stack or not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
+        if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
             continue
-        key, (_, module_type) = list(stack.items())[-1]
-        if not _is_attention(module_type):
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack and _is_linear(list(stack.values())[-1][1]):
             continue
-        path = _projection_path(weight)
-        node.meta["nn_module_stack"] = {
-            **stack,
-            f"{key}.{path.rpartition('.')[2]}": (path, _LINEAR),
-        }
+        path = _weight_owner_path(weight)
+        # One partition per path: a second call on the same weight gets a path of its own, or a
+        # linear feeding another on the same weight would not be an output of the partition.
+        call_index = calls.get(path, 0)
+        calls[path] = call_index + 1
+        if call_index:
+            path = f"{path}@{call_index}"
+        parent_key = list(stack)[-1] if stack else ""
+        key = f"{parent_key}.{path.rpartition('.')[2]}" if parent_key else path
+        node.meta["nn_module_stack"] = {**stack, key: (path, _LINEAR_NAME)}
         count += 1
     return count

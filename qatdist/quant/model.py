@@ -72,8 +72,15 @@ class QatModel:
         """Capture (dynamic batch, `image_size` x `image_size` RGB input) and prepare a copy of
         `fp32_model`; the copy because the captured graph would share its tensors."""
         example = torch.randn(2, 3, image_size, image_size)
-        prepared = prepare_qat(capture(copy.deepcopy(fp32_model), example), quant_cfg)
-        return cls(fp32_model, prepared, quant_cfg)
+        return cls.from_captured(fp32_model, capture(copy.deepcopy(fp32_model), example), quant_cfg)
+
+    @classmethod
+    def from_captured(
+        cls, fp32_model: torch.nn.Module, graph: torch.fx.GraphModule, quant_cfg: QuantConfig
+    ) -> QatModel:
+        """Prepare `graph`, a `capture` of a copy of `fp32_model` (for callers that time or
+        inspect the capture on its own, like `scripts/coverage.py`)."""
+        return cls(fp32_model, prepare_qat(graph, quant_cfg), quant_cfg)
 
     # --- phase and mode -------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ConfigError, QuantConfig
-from qatdist.quant.attention import attribute_attention_projections
+from qatdist.quant.attention import attribute_functional_linears
 from qatdist.quant.batchnorm import bn_literals, restore_bn_literals
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.fast_annotate import fast_sequential_partitions
@@ -47,11 +47,12 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
     the same thing: no observers, the layer runs in fp32.
 
     Annotation uses the fast sequential-partition search (same result, see `fast_annotate`), and
-    MultiheadAttention's projections are annotated like any linear (see `attention`).
+    linears called as functions on parameters (attention projections) are annotated like any
+    nn.Linear (see `attention`).
     """
 
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        attribute_attention_projections(model)
+        attribute_functional_linears(model)
         return super().transform_for_annotation(model)
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
