@@ -16,15 +16,17 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer,
     get_default_x86_inductor_quantization_config,
 )
+from torchvision.models import swin_transformer
 
 from qatdist.config import QuantConfig
 from qatdist.evaluate import agreement_where_decided
 from qatdist.models import tiny_vit
 from qatdist.quant import schedule
+from qatdist.quant.attention import attribute_functional_linears
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
 from qatdist.quant.fast_annotate import fast_sequential_partitions, find_sequential_partitions_fast
-from qatdist.quant.inspect import count_quantized_ops
+from qatdist.quant.inspect import annotated_layers, count_quantized_ops
 from qatdist.quant.prepare import build_quantizer, prepare_qat
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
@@ -276,3 +278,105 @@ def test_vit_every_linear_runs_int8_and_compiled_agrees_with_converted():
     agreeing, comparable = agreement_where_decided(reference, compiled)
     assert comparable >= 32  # most samples are decided: the comparison means something
     assert agreeing == comparable
+
+
+def _tiny_swin(v2: bool) -> torch.nn.Module:
+    """Two one-block stages at 16x16; no stochastic depth, so the graph has no random masks."""
+    torch.manual_seed(0)
+    blocks = (
+        {
+            "block": swin_transformer.SwinTransformerBlockV2,
+            "downsample_layer": swin_transformer.PatchMergingV2,
+        }
+        if v2
+        else {}
+    )
+    return swin_transformer.SwinTransformer(
+        patch_size=[2, 2], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[2, 2],
+        num_classes=10, stochastic_depth_prob=0.0, **blocks,
+    )  # fmt: skip
+
+
+def _linear_count(gm: torch.fx.GraphModule) -> int:
+    return sum(n.target == torch.ops.aten.linear.default for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_functional_linears_are_annotated(v2):
+    """`shifted_window_attention` calls F.linear with qkv/proj weights: now annotated too."""
+    graph = capture(_tiny_swin(v2), torch.randn(2, 3, 16, 16))
+    linears = _linear_count(graph)
+    assert linears == (14 if v2 else 10)  # per block qkv, proj, 2 mlp (+ 2 cpb_mlp); merge; head
+    annotated = annotated_layers(prepare_qat(graph, QuantConfig()))["linear"]
+    assert len(annotated) == linears
+    assert {"features.1.0.attn.qkv", "features.3.0.attn.proj"} <= set(annotated)
+
+
+def test_swin_v2_computed_qkv_bias_split_keeps_the_output():
+    """swin_v2 zeroes part of a cloned qkv bias; splitting it into an add keeps the numbers."""
+    model = _tiny_swin(v2=True).eval()
+    images = torch.randn(2, 3, 16, 16)
+    graph = capture(model, images)
+    assert attribute_functional_linears(graph) == 4  # qkv and proj of both blocks
+    split = [n for n in graph.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert sum(len(n.args) == 2 and "attn.qkv" in n.args[1].target for n in split) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(graph(images), model(images), rtol=1e-4, atol=1e-5)
+
+
+def test_swin_attention_kept_fp32_by_module_name_keeps_its_projections_fp32():
+    graph = capture(_tiny_swin(v2=False), torch.randn(2, 3, 16, 16))
+    cfg = QuantConfig(fp32_module_names=["features.1.0.attn", "features.3.0.attn.qkv"])
+    annotated = annotated_layers(prepare_qat(graph, cfg))["linear"]
+    assert annotated == [
+        "features.1.0.mlp.0", "features.1.0.mlp.3", "features.2.reduction",
+        "features.3.0.attn.proj", "features.3.0.mlp.0", "features.3.0.mlp.3", "head",
+    ]  # fmt: skip
+
+
+class _TiedMixer(torch.nn.Module):
+    """Calls F.linear on its own parameters, one of them twice in a row."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+        self.gate = torch.nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x):
+        hidden = torch.nn.functional.linear(x, self.weight).relu()
+        mixed = torch.nn.functional.linear(hidden, self.weight)
+        return mixed + torch.nn.functional.linear(x, self.gate)
+
+
+class _FunctionalNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mixer = _TiedMixer()
+        self.head_weight = torch.nn.Parameter(torch.randn(4, 8) * 0.3)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(self.mixer(x), self.head_weight)
+
+
+def test_user_functional_linears_are_annotated_and_filtered_by_module_name():
+    graph = capture(_FunctionalNet(), torch.randn(2, 8))
+    annotated = annotated_layers(prepare_qat(graph, QuantConfig()))["linear"]
+    # `mixer.weight` names its linears `mixer`; its second call gets the capture's `@1`
+    assert annotated == ["mixer", "mixer@1", "mixer.gate", "head"]
+    graph = capture(_FunctionalNet(), torch.randn(2, 8))
+    kept = prepare_qat(graph, QuantConfig(fp32_module_names=["mixer"]))
+    assert annotated_layers(kept)["linear"] == ["head"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+def test_swin_attention_linears_run_int8(v2):
+    prepared = prepare_qat(capture(_tiny_swin(v2), torch.randn(2, 3, 16, 16)), QuantConfig())
+    images = torch.randn(4, 3, 16, 16)
+    prepared(images)  # observers see one batch
+    schedule.to_eval(prepared)
+    converted = convert_to_int8(prepared)
+    with torch.no_grad():
+        _, codes = run_and_get_code(compile_for_inference(converted), images)
+    # swin_v2's cpb_mlp (4 linears) reads only a buffer and parameters: no int8 kernel for it
+    assert count_quantized_ops("\n".join(codes)) == {"conv": 1, "linear": 10}

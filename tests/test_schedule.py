@@ -229,8 +229,11 @@ def test_fake_quant_off_is_the_fp32_graph():
         off = model(x)
         schedule.apply_phase(model, QatPhase(True, True, False))
         on = model(x)
-    torch.testing.assert_close(eager, reference, rtol=0, atol=1e-6)
-    torch.testing.assert_close(off, reference, rtol=0, atol=1e-6)
+    # The QAT graph convolves with BN-scaled weights and scales back: fp32 rounding of a
+    # different arithmetic, whose size depends on the CPU's kernels; 1e-5 still tells it apart
+    # from fake quantization by an order of magnitude.
+    torch.testing.assert_close(eager, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(off, reference, rtol=1e-5, atol=1e-5)
     assert (on - reference).abs().max() > 1e-4
 
 
