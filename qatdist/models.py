@@ -16,6 +16,9 @@ def _from_factory(spec: str, num_classes: int) -> torch.nn.Module:
     return model
 
 
+_AUX_HEADS = ("googlenet", "inception_v3")
+
+
 def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     """An fp32 classifier with `num_classes` outputs; `cfg.weights` (a local state dict) is
     loaded strictly. Nothing is downloaded: torchvision models are built with weights=None."""
@@ -28,7 +31,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
                 f"model.name: unknown torchvision classification model {cfg.name!r} "
                 "(or use 'package.module:function')"
             )
-        model = torchvision.models.get_model(cfg.name, weights=None, num_classes=num_classes)
+        # googlenet and inception_v3 default to auxiliary classifiers, whose extra outputs
+        # only their own training recipe uses; the int8 model serves the main head (as
+        # torchvision's quantized builders do), and the training step expects one output.
+        extra = {"aux_logits": False} if cfg.name in _AUX_HEADS else {}
+        model = torchvision.models.get_model(
+            cfg.name, weights=None, num_classes=num_classes, **extra
+        )
     if cfg.weights:
         try:
             state = torch.load(cfg.weights, map_location="cpu", weights_only=True)

@@ -106,3 +106,15 @@ def test_skipping_absent_conv_types_converts_identically():
     assert str(fast.graph) == str(plain.graph)
     images = torch.randn(3, 3, 12, 12)
     assert torch.equal(fast(images), plain(images))
+
+
+@pytest.mark.parametrize("name, size", [("googlenet", 64), ("inception_v3", 80)])
+def test_models_with_auxiliary_heads_train_on_one_output(name, size):
+    """googlenet / inception_v3 are built without their auxiliary classifiers: in train mode
+    they return the logits tensor the training step takes, not a namedtuple of three."""
+    from qatdist.config import ModelConfig
+    from qatdist.models import build_model
+
+    model = build_model(ModelConfig(name=name), 10).train()
+    out = model(torch.randn(2, 3, size, size))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
