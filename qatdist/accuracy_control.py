@@ -23,6 +23,7 @@ from qatdist.distributed import DistEnv, wrap_ddp
 from qatdist.evaluate import preserved_rng
 from qatdist.optim import build_optimizer
 from qatdist.quant import QatModel
+from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.accuracy import (
     BudgetResult,
     CompiledLatencyCost,
@@ -56,10 +57,14 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
     """`qat` rebuilt with `layers` kept in fp32 beyond its config's `fp32_module_names`,
     holding `qat`'s weights and statistics, in `qat`'s phase. Raises ValueError when a layer
     is unknown or its state does not transfer."""
+    # Layer names come from the quantized graph: modules, and linears called as functions
+    # (`...self_attention.in_proj`, named by `qatdist.quant.attention`), which are no module.
+    annotated = quant_inspect.annotated_layers(qat.prepared)
     known = {name for name, _ in qat.fp32_model.named_modules()}
+    known |= {*annotated["conv"], *annotated["linear"]}
     unknown = [layer for layer in layers if layer not in known]
     if unknown:
-        raise ValueError(f"fp32 fallback layers {unknown}: no such module in the model")
+        raise ValueError(f"fp32 fallback layers {unknown}: no such module or quantized layer")
     names = [*qat.quant_cfg.fp32_module_names, *layers]
     example = torch.randn(2, 3, image_size, image_size)
     rebuild = make_rebuilder(_rebuildable_fp32(qat), example, qat.quant_cfg, phase=qat.phase)

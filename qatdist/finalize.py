@@ -216,7 +216,9 @@ def coverage(
     became int8: in the converted graph (`int8_model`) and, per lowered code, in the count of
     int8 kernel calls (`quantized_ops`). `unquantized_layers` names the annotated layers the
     converted graph keeps in float; a shortfall in generated code it cannot name is listed as
-    "<n> <kind> layer(s) not lowered to int8 in <code>"."""
+    "<n> <kind> layer(s) not lowered to int8 in <code>". `constant_layers` names the layers
+    computed from parameters only, which freezing folds (never annotated, see
+    `qatdist.quant.constant_layers`)."""
     annotated = quant_inspect.annotated_layers(prepared)
     wanted = set(annotated["conv"] + annotated["linear"])
     unquantized = [name for name in quant_inspect.float_layers(int8_model) if name in wanted]
@@ -231,6 +233,9 @@ def coverage(
         "annotated_linear_layers": len(annotated["linear"]),
         "quantization_complete": not unquantized,
         "unquantized_layers": unquantized,
+        "constant_layers": [
+            n for names in quant_inspect.constant_layers(prepared).values() for n in names
+        ],
     }
 
 

@@ -86,6 +86,12 @@ _KEYS = [
     ("linears_present", "int", "alias of fp32_linear_layers"),
     ("quantization_complete", "bool", "every annotated conv/linear runs an int8 kernel"),
     ("unquantized_layers", "list[str]", "annotated layers left in float by the lowering"),
+    (
+        "constant_layers",
+        "list[str]",
+        "conv/linear layers computed from parameters only (swin_v2's position-bias MLP): kept "
+        "fp32, folded to constants by freezing, not counted as left in float",
+    ),
     # Latency
     ("int8_latency_ms", "float", "median ms per batch of the int8 model at latency_batch_size"),
     ("fp32_latency_ms", "float", "median ms per batch of the fp32 model at latency_batch_size"),
@@ -271,6 +277,11 @@ def _quantized_ops_md(report: dict) -> list[str]:
         f"{_fmt(field(report, 'annotated_conv_layers'))} and "
         f"{_fmt(field(report, 'annotated_linear_layers'))}."
     )
+    if field(report, "constant_layers"):
+        lines.append(
+            f"{len(field(report, 'constant_layers'))} layer(s) compute from parameters only and "
+            "are folded to constants at compile time (kept fp32, no run-time cost)."
+        )
     if field(report, "quantization_complete") is False:
         names = ", ".join(field(report, "unquantized_layers") or []) or "-"
         lines.append(f"**Quantization incomplete**: left in float: {names}.")

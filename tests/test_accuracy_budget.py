@@ -460,3 +460,26 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
     else:
         assert fields["fp32_fallback_layers"] == [] and final is qat
     assert "accuracy budget NOT met" in caplog.text
+
+
+def test_fallback_to_fp32_accepts_attention_projections_called_as_functions():
+    """A MultiheadAttention's input projection is a parameter, not a module: the budget (and
+    export_final) can still keep it fp32 by its quantized-layer name; unknown names fail."""
+    from qatdist.accuracy_control import with_fp32_layers
+    from qatdist.models import tiny_vit
+    from qatdist.quant import QatModel
+    from qatdist.quant.inspect import annotated_layers
+
+    torch.manual_seed(0)
+    qat = QatModel.from_fp32(tiny_vit(num_classes=CLASSES), QuantConfig(), image_size=32)
+    projection = "encoder.layers.encoder_layer_0.self_attention.in_proj"
+    assert projection in annotated_layers(qat.prepared)["linear"]
+    kept = with_fp32_layers(qat, [projection], image_size=32)
+    linears = annotated_layers(kept.prepared)["linear"]
+    assert projection not in linears and len(linears) == 8
+    assert torch.equal(
+        kept.prepared.state_dict()["heads.head.weight"],
+        qat.prepared.state_dict()["heads.head.weight"],
+    )
+    with pytest.raises(ValueError, match="no_such_layer"):
+        with_fp32_layers(qat, ["encoder.no_such_layer"], image_size=32)

@@ -20,13 +20,14 @@ from torchvision.models import swin_transformer
 
 from qatdist.config import QuantConfig
 from qatdist.evaluate import agreement_where_decided
+from qatdist.finalize import coverage
 from qatdist.models import tiny_vit
 from qatdist.quant import schedule
 from qatdist.quant.attention import attribute_functional_linears
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
 from qatdist.quant.fast_annotate import fast_sequential_partitions, find_sequential_partitions_fast
-from qatdist.quant.inspect import annotated_layers, count_quantized_ops
+from qatdist.quant.inspect import annotated_layers, constant_layers, count_quantized_ops
 from qatdist.quant.prepare import build_quantizer, prepare_qat
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
@@ -303,13 +304,18 @@ def _linear_count(gm: torch.fx.GraphModule) -> int:
 
 @pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
 def test_swin_functional_linears_are_annotated(v2):
-    """`shifted_window_attention` calls F.linear with qkv/proj weights: now annotated too."""
+    """`shifted_window_attention` calls F.linear with qkv/proj weights: now annotated too.
+    swin_v2's position-bias MLP reads only a buffer and parameters: left fp32 (folded)."""
     graph = capture(_tiny_swin(v2), torch.randn(2, 3, 16, 16))
     linears = _linear_count(graph)
     assert linears == (14 if v2 else 10)  # per block qkv, proj, 2 mlp (+ 2 cpb_mlp); merge; head
-    annotated = annotated_layers(prepare_qat(graph, QuantConfig()))["linear"]
-    assert len(annotated) == linears
+    cpb = [f"features.{s}.0.attn.cpb_mlp.{i}" for s in (1, 3) for i in (0, 2)] if v2 else []
+    assert constant_layers(graph) == {"conv": [], "linear": cpb}
+    prepared = prepare_qat(graph, QuantConfig())
+    annotated = annotated_layers(prepared)["linear"]
+    assert len(annotated) == 10 and not set(annotated) & set(cpb)
     assert {"features.1.0.attn.qkv", "features.3.0.attn.proj"} <= set(annotated)
+    assert constant_layers(prepared)["linear"] == cpb  # no fake quant feeds them
 
 
 def test_swin_v2_computed_qkv_bias_split_keeps_the_output():
@@ -379,4 +385,8 @@ def test_swin_attention_linears_run_int8(v2):
     with torch.no_grad():
         _, codes = run_and_get_code(compile_for_inference(converted), images)
     # swin_v2's cpb_mlp (4 linears) reads only a buffer and parameters: no int8 kernel for it
-    assert count_quantized_ops("\n".join(codes)) == {"conv": 1, "linear": 10}
+    counts = count_quantized_ops("\n".join(codes))
+    assert counts == {"conv": 1, "linear": 10}
+    fields = coverage(prepared, converted, {"inductor": counts})
+    assert fields["quantization_complete"] is True and fields["unquantized_layers"] == []
+    assert len(fields["constant_layers"]) == (4 if v2 else 0)

@@ -9,6 +9,7 @@ import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers in
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from qatdist.quant.batchnorm import fold_with_model_bn_eps
+from qatdist.quant.ceil_pool import rewrite_ceil_mode_int8_max_pools
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.schedule import to_eval
 
@@ -21,6 +22,7 @@ def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
     with only_present_conv_types(), fold_with_model_bn_eps(prepared):
         converted = convert_pt2e(copy.deepcopy(prepared))
     to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
+    rewrite_ceil_mode_int8_max_pools(converted)  # Inductor's int8 pool drops ceil_mode
     return converted
 
 

@@ -16,7 +16,8 @@ signal-to-quantization-noise ratio against the fp32 weight. Reading does not cha
 
 Coverage: `annotated_layers` lists the convolutions / linears the quantizer gave a weight fake
 quant (layers kept fp32 by config have none), `float_layers` those of a converted graph whose
-weight is not dequantized from int8, `count_quantized_ops` the int8 kernel calls in generated
+weight is not dequantized from int8, `constant_layers` those computed from parameters only
+(never annotated: freezing folds them), `count_quantized_ops` the int8 kernel calls in generated
 code.
 """
 
@@ -29,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+# constant_layers is re-exported: coverage reads every layer count from this module
+from qatdist.quant.constant_layers import constant_layers, input_dependent  # noqa: F401
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -71,20 +75,9 @@ def _fake_quant_nodes(gm: torch.fx.GraphModule) -> dict[str, torch.fx.Node]:
     return out
 
 
-def _input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
-    """Nodes whose value depends on the graph input (or on a module call)."""
-    dynamic: set[torch.fx.Node] = set()
-    for node in gm.graph.nodes:  # topological order
-        if node.op in ("placeholder", "call_module") or any(
-            a in dynamic for a in node.all_input_nodes
-        ):
-            dynamic.add(node)
-    return dynamic
-
-
 def quant_points(gm: torch.fx.GraphModule) -> list[QuantPoint]:
     """Every fake-quant module of a prepared graph module with a readable name, in graph order."""
-    dynamic = _input_dependent(gm)
+    dynamic = input_dependent(gm)
     points, used = [], {}
     for name, node in _fake_quant_nodes(gm).items():
         source = node.args[0]

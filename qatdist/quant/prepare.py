@@ -14,6 +14,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from qatdist.config import ConfigError, QuantConfig
 from qatdist.quant.attention import attribute_functional_linears
 from qatdist.quant.batchnorm import bn_literals, restore_bn_literals
+from qatdist.quant.constant_layers import drop_constant_annotations
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.fast_annotate import fast_sequential_partitions
 from qatdist.quant.fast_fake_quant import use_fast_fake_quant
@@ -48,7 +49,9 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
 
     Annotation uses the fast sequential-partition search (same result, see `fast_annotate`), and
     linears called as functions on parameters (attention projections) are annotated like any
-    nn.Linear (see `attention`).
+    nn.Linear (see `attention`). Computations that read only parameters and buffers (swin_v2's
+    position-bias MLP) are left unannotated: freezing folds them to constants (see
+    `constant_layers`).
     """
 
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -66,6 +69,7 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
                 and annotation.output_qspec is None
             ):
                 del node.meta["quantization_annotation"]
+        drop_constant_annotations(model)
         return model
 
 
