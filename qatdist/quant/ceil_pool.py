@@ -101,7 +101,7 @@ def _spatial_size(node: torch.fx.Node) -> tuple[int, int] | None:
 def _indices_used(pool: torch.fx.Node) -> bool:
     if pool.target != _aten.max_pool2d_with_indices.default:
         return False
-    return any(not (u.target is operator.getitem and u.args[1] == 0) for u in pool.users)
+    return any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in pool.users)
 
 
 def _pad_before_dequantize(
