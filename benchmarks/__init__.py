@@ -15,6 +15,8 @@ the tests call the functions here with tiny settings.
 - `data_wait`: `data_wait_fraction` (time blocked on the loader, trainer placement).
 - `hand_flow`: `final_model_vs_hand_flow` and `same_weights_int8_pair` (the plain PT2E recipe).
 - `machine`: `machine_info` (CPU, ISA flags, versions, load) printed beside the figures.
+- `dynamic_activations`: static vs dynamic activation int8 of one model (a measurement behind
+  docs/coverage.md, run as `python -m benchmarks.dynamic_activations`; not a target figure).
 """
 
 from benchmarks.data_wait import data_wait_fraction
