@@ -5,8 +5,9 @@ image: swin_v2's continuous position bias runs a 2-layer MLP (`cpb_mlp`, 24 of s
 linears) on a fixed coordinate table. Inductor's freezing folds such a computation to a
 constant at compile time, so quantizing it saves nothing at run time and only adds rounding
 error to a value computed once. `drop_constant_annotations` removes the quantizer's annotations
-from these nodes before observers are inserted; `constant_layers` names the convolutions and
-linears they contain, so coverage counts them apart ("folded", not "left in float").
+from these nodes before observers are inserted; `qatdist.quant.inspect.constant_layers` names
+the convolutions and linears they contain, so coverage counts them apart ("folded", not "left in
+float").
 
 The image-dependent part is what `input_dependent` returns: every node reachable from a graph
 input (or, in a prepared graph, from a fake-quant module call, whose state changes in training).
@@ -14,11 +15,7 @@ input (or, in a prepared graph, from a fake-quant module call, whose state chang
 
 from __future__ import annotations
 
-import re
-
 import torch
-
-_LAYER_OP = re.compile(r"^aten\.(conv|linear)")
 
 
 def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
@@ -30,29 +27,6 @@ def input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
         ):
             dynamic.add(node)
     return dynamic
-
-
-def _module_path(node: torch.fx.Node) -> str:
-    """Innermost non-empty nn_module_stack path of `node` (its name when it has none)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    for path, _ in reversed(list(stack.values())):
-        if path:
-            return path
-    return node.name
-
-
-def constant_layers(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
-    """{"conv": names, "linear": names} of the convolution / linear calls of a captured or
-    prepared graph whose inputs are all computed from parameters and buffers."""
-    dynamic = input_dependent(gm)
-    out: dict[str, list[str]] = {"conv": [], "linear": []}
-    for node in gm.graph.nodes:
-        if node.op != "call_function" or node in dynamic:
-            continue
-        match = _LAYER_OP.match(str(node.target))
-        if match:
-            out[match.group(1)].append(_module_path(node))
-    return out
 
 
 def drop_constant_annotations(gm: torch.fx.GraphModule) -> int:

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-# constant_layers is re-exported: coverage reads every layer count from this module
-from qatdist.quant.constant_layers import constant_layers, input_dependent  # noqa: F401
+from qatdist.quant.constant_layers import input_dependent
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -259,6 +258,17 @@ def annotated_layers(prepared: torch.fx.GraphModule) -> dict[str, list[str]]:
             and weight.op == "call_module"
             and isinstance(prepared.get_submodule(weight.target), FakeQuantizeBase)
         ):
+            out[kind].append(name)
+    return out
+
+
+def constant_layers(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """{"conv": names, "linear": names} of the convolutions / linears of a captured or prepared
+    graph computed from parameters and buffers only (left fp32, folded by freezing)."""
+    dynamic = input_dependent(gm)
+    out: dict[str, list[str]] = {"conv": [], "linear": []}
+    for kind, node, name in _layer_nodes(gm):
+        if node not in dynamic:
             out[kind].append(name)
     return out
 
