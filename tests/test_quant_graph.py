@@ -9,6 +9,7 @@ import operator
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch._inductor.utils import run_and_get_code
 from torchao.quantization.pt2e.graph_utils import find_sequential_partitions
@@ -390,3 +391,35 @@ def test_swin_attention_linears_run_int8(v2):
     fields = coverage(prepared, converted, {"inductor": counts})
     assert fields["quantization_complete"] is True and fields["unquantized_layers"] == []
     assert len(fields["constant_layers"]) == (4 if v2 else 0)
+
+
+class _FunctionalReluNet(torch.nn.Module):
+    """conv-BN then `F.relu(inplace=True)` and a max pool, as torchvision's BasicConv2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_functional_relus_fuse_with_their_conv_and_the_pool_runs_int8():
+    """Without the re-attribution the ReLU is not in the conv-BN-ReLU fusion: the conv output is
+    quantized before it and the max pool runs in float on the ReLU's output."""
+    torch.manual_seed(0)
+    prepared = prepare_qat(capture(_FunctionalReluNet(), torch.randn(2, 3, 12, 12)), QuantConfig())
+    prepared(torch.randn(4, 3, 12, 12))
+    converted = convert_to_int8(prepared)
+    targets = {str(n.target): n for n in converted.graph.nodes}
+    relus = [n for n in converted.graph.nodes if str(n.target).startswith("aten.relu")]
+    assert len(relus) == 2
+    for relu in relus:  # fused: conv -> relu -> quantize, no quantize between conv and relu
+        assert relu.args[0].target == torch.ops.aten.conv2d.default
+        assert all("quantize_per_tensor" in str(u.target) for u in relu.users)
+    pool = targets["aten.max_pool2d.default"]
+    assert "dequantize_per_tensor" in str(pool.args[0].target)  # an int8 max pool

@@ -18,6 +18,7 @@ from qatdist.quant.constant_layers import drop_constant_annotations
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.fast_annotate import fast_sequential_partitions
 from qatdist.quant.fast_fake_quant import use_fast_fake_quant
+from qatdist.quant.functional_activations import attribute_functional_activations
 
 
 def _resolve_type(dotted: str) -> type:
@@ -47,15 +48,17 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
     (torchao 0.18). Dropping those empty annotations leaves the nodes unannotated, which means
     the same thing: no observers, the layer runs in fp32.
 
-    Annotation uses the fast sequential-partition search (same result, see `fast_annotate`), and
+    Annotation uses the fast sequential-partition search (same result, see `fast_annotate`);
     linears called as functions on parameters (attention projections) are annotated like any
-    nn.Linear (see `attention`). Computations that read only parameters and buffers (swin_v2's
-    position-bias MLP) are left unannotated: freezing folds them to constants (see
-    `constant_layers`).
+    nn.Linear (see `attention`); activations called as functions (`F.relu`) fuse with their
+    convolution like ReLU modules (see `functional_activations`); computations that read only
+    parameters and buffers (swin_v2's position-bias MLP) are left unannotated: freezing folds
+    them to constants (see `constant_layers`).
     """
 
     def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         attribute_functional_linears(model)
+        attribute_functional_activations(model)
         return super().transform_for_annotation(model)
 
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
