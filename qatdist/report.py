@@ -32,6 +32,12 @@ _KEYS = [
     ("produced_by", "str", "the command that wrote the report when not the trainer"),
     ("resumed_from_step", "int | None", "step this process resumed from, null if it did not"),
     ("train_images_per_s", "float", "training throughput of the steps this process ran"),
+    (
+        "train_images",
+        "int",
+        "images this process's steps trained (steps since start or resume x global batch): "
+        "what train_images_per_s divides by the training time",
+    ),
     ("skipped_samples", "int", "bad samples skipped over all ranks (data.on_error='skip')"),
     ("skipped_nonfinite_steps", "int", "optimizer steps skipped for a non-finite loss/grad"),
     ("rank_skipped_nonfinite_steps", "list[int]", "skipped_nonfinite_steps as each rank counted"),

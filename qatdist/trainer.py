@@ -367,6 +367,7 @@ class Trainer:
             steps=self.step,
             epochs=cfg.train.epochs,
             train_images_per_s=trained / self.train_seconds if self.train_seconds else 0.0,
+            train_images=trained,
             fp32_fake_quant_top1=fq_top1,
             **baselines,
             observer_sync_max_divergence_before=final_sync.max_divergence_before,
