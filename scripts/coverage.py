@@ -62,7 +62,8 @@ KNOWN_CAUSES = (
         "Output size is too small",
         "upstream (torch Inductor, fx_passes/quantization.py): the int8 max-pool lowering's "
         "low-memory pattern binds `ceil_mode` to its `offset_dtype` argument, so ceil-mode "
-        "pooling is lowered in floor mode; the eager and converted models run at this size",
+        "pooling is lowered in floor mode; qatdist rewrites such pools (quant/ceil_pool.py) "
+        "except those it warns about (dilation, used indices)",
     ),
     (
         "train",
