@@ -81,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if trainer is not None:
             trainer.close()
+        # DDP's reducer holds the process group: release it before the group is destroyed,
+        # not during interpreter exit, where the teardown order is not fixed.
+        trainer = None
         shutdown()
     return 0
 
