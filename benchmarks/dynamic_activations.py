@@ -36,8 +36,10 @@ from qatdist.quant.schedule import to_eval
 NUM_CLASSES = 10
 
 
-def _int8_model(fp32: torch.nn.Module, image_size: int, dynamic: bool, calibration) -> tuple:
-    """(converted eval-mode model, compiled model, int8 kernel counts in its code)."""
+def int8_variant(fp32: torch.nn.Module, image_size: int, dynamic: bool, calibration) -> tuple:
+    """`fp32` QAT-prepared with static or dynamic activations, run on the `calibration`
+    batches, converted and compiled: (converted eval-mode model, compiled model, int8 kernel
+    counts in the compiled code)."""
     graph = capture(copy.deepcopy(fp32), torch.randn(2, 3, image_size, image_size))
     attribute_functional_linears(graph)  # attention projections quantized, as qatdist does
     # A fresh quantizer: one whose global config was static ignores (warns) a dynamic one.
@@ -73,7 +75,7 @@ def static_vs_dynamic(name: str, image_size: int, batch_size: int, iters: int) -
     example = calibration[0]
     forwards, result = {}, {"model": name, "image_size": image_size, "batch_size": batch_size}
     for kind in ("static", "dynamic"):
-        converted, compiled, counts = _int8_model(fp32, image_size, kind == "dynamic", calibration)
+        converted, compiled, counts = int8_variant(fp32, image_size, kind == "dynamic", calibration)
         with torch.no_grad():
             reference = converted(example)
             diff = (compiled(example) - reference).abs().max()

@@ -24,6 +24,7 @@ def sweep(tmp_path_factory) -> dict:
         BOGUS,
         f"--only={only},qatdist.models:tiny_vit",
         "--skip=squeezenet1_1",
+        "--jobs=2",  # one model per core: pytest itself waits meanwhile
         "--steps=2",
         "--latency-iters=2",
         "--timeout=600",
