@@ -7,8 +7,8 @@ torch 2.14's export leaves `source_fn_stack` unset; the partition matcher then r
 `F.relu` inside a module's forward is that module (torchvision's `BasicConv2d` in googlenet and
 inception_v3, most user code). The ReLU then stays out of the fusion: the convolution's output
 is quantized before the ReLU, the ReLU and the max pool after it run in float
-(measured on googlenet: 3 of its 4 max pools in float, "The input of maxpool2d is not
-quantized").
+(measured on googlenet at 32x32: all 57 ReLUs and 13 max pools in float, "The input of maxpool2d
+is not quantized"; with the re-attribution all of them run int8).
 
 `attribute_functional_activations` gives every such activation node an innermost stack entry of
 the module type the quantizer looks for, named `<module>.relu` (`<module>.relu@1` for a second
