@@ -27,15 +27,7 @@ from __future__ import annotations
 
 import torch
 
-_LINEAR = torch.nn.Linear
-_LINEAR_NAME = f"{_LINEAR.__module__}.{_LINEAR.__qualname__}"
-
-
-def _is_linear(module_type) -> bool:
-    """Whether the quantizer's source partitions already take this stack entry as nn.Linear."""
-    if isinstance(module_type, type):
-        return issubclass(module_type, _LINEAR)
-    return module_type == _LINEAR_NAME
+from qatdist.quant.capture import add_innermost_module, innermost_module_is
 
 
 def _weight_owner_path(weight: torch.fx.Node) -> str:
@@ -76,22 +68,14 @@ def attribute_functional_linears(gm: torch.fx.GraphModule) -> int:
         weight = node.args[1]
         if not isinstance(weight, torch.fx.Node) or weight.op != "get_attr":
             continue
-        stack = node.meta.get("nn_module_stack") or {}
-        if stack and _is_linear(list(stack.values())[-1][1]):
+        if innermost_module_is(node, torch.nn.Linear):
             continue
         bias = node.args[2] if len(node.args) > 2 else None
         if isinstance(bias, torch.fx.Node) and bias.op != "get_attr":
             _split_computed_bias(gm, node, bias)
-        path = _weight_owner_path(weight)
         # One partition per path: a second call on the same weight gets a path of its own, or a
         # linear feeding another on the same weight would not be an output of the partition.
-        call_index = calls.get(path, 0)
-        calls[path] = call_index + 1
-        if call_index:
-            path = f"{path}@{call_index}"
-        parent_key = list(stack)[-1] if stack else ""
-        key = f"{parent_key}.{path.rpartition('.')[2]}" if parent_key else path
-        node.meta["nn_module_stack"] = {**stack, key: (path, _LINEAR_NAME)}
+        add_innermost_module(node, _weight_owner_path(weight), torch.nn.Linear, calls)
         count += 1
     if count:
         gm.recompile()

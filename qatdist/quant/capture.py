@@ -42,3 +42,33 @@ def make_call_sites_distinct(graph_module: torch.fx.GraphModule) -> int:
             fixed[key] = (path, module_type)
         node.meta["nn_module_stack"] = fixed
     return renamed
+
+
+def innermost_module_is(node: torch.fx.Node, module_type: type) -> bool:
+    """Whether `node`'s innermost `nn_module_stack` entry is `module_type` (or a subclass): what
+    the quantizer's source partitions match. Entries hold a class or its qualified name."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    entry_type = list(stack.values())[-1][1]
+    if isinstance(entry_type, type):
+        return issubclass(entry_type, module_type)
+    return entry_type == f"{module_type.__module__}.{module_type.__qualname__}"
+
+
+def add_innermost_module(
+    node: torch.fx.Node, path: str, module_type: type, calls: dict[str, int]
+) -> None:
+    """Give `node` an innermost `nn_module_stack` entry: a `module_type` module at `path`, so
+    that the quantizer matches it like a real one. `calls` counts the paths given so far: a
+    repeated path gets the capture's `@N` suffix (one partition per call, as
+    `make_call_sites_distinct` does for real modules)."""
+    call_index = calls.get(path, 0)
+    calls[path] = call_index + 1
+    if call_index:
+        path = f"{path}@{call_index}"
+    stack = node.meta.get("nn_module_stack") or {}
+    parent_key = list(stack)[-1] if stack else ""
+    key = f"{parent_key}.{path.rpartition('.')[2]}" if parent_key else path
+    qualified = f"{module_type.__module__}.{module_type.__qualname__}"
+    node.meta["nn_module_stack"] = {**stack, key: (path, qualified)}

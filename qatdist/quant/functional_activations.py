@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from qatdist.quant.capture import add_innermost_module, innermost_module_is
+
 _aten = torch.ops.aten
 # aten op -> (module type whose partitions the quantizer matches, name of the stack entry)
 _ACTIVATIONS: dict = {
@@ -33,13 +35,6 @@ _ACTIVATIONS: dict = {
 }
 
 
-def _is_module_type(module_type, wanted: type) -> bool:
-    """Whether a stack entry's type (a class, or its qualified name) is `wanted` or a subclass."""
-    if isinstance(module_type, type):
-        return issubclass(module_type, wanted)
-    return module_type == f"{wanted.__module__}.{wanted.__qualname__}"
-
-
 def attribute_functional_activations(gm: torch.fx.GraphModule) -> int:
     """Give every activation node (see `_ACTIVATIONS`) whose innermost module is not of its
     module type an innermost stack entry of that type (see the module docstring). Returns the
@@ -50,18 +45,12 @@ def attribute_functional_activations(gm: torch.fx.GraphModule) -> int:
         if node.op != "call_function" or node.target not in _ACTIVATIONS:
             continue
         module_type, name = _ACTIVATIONS[node.target]
-        stack = node.meta.get("nn_module_stack") or {}
-        if stack and _is_module_type(list(stack.values())[-1][1], module_type):
+        if innermost_module_is(node, module_type):
             continue
-        parent_key = list(stack)[-1] if stack else ""
+        stack = node.meta.get("nn_module_stack") or {}
         parent_path = list(stack.values())[-1][0] if stack else ""
-        path = f"{parent_path}.{name}" if parent_path else name
         # One partition per call: a second call in the same module gets a path of its own.
-        call_index = calls.get(path, 0)
-        calls[path] = call_index + 1
-        suffix = f"@{call_index}" if call_index else ""
-        key = f"{parent_key}.{name}{suffix}" if parent_key else f"{name}{suffix}"
-        qualified = f"{module_type.__module__}.{module_type.__qualname__}"
-        node.meta["nn_module_stack"] = {**stack, key: (path + suffix, qualified)}
+        path = f"{parent_path}.{name}" if parent_path else name
+        add_innermost_module(node, path, module_type, calls)
         count += 1
     return count
