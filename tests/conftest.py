@@ -4,33 +4,24 @@ session and every test that needs it reads its outputs."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from jobs import launch_env, run_to_end, torchrun_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, timeout: int = 600, env=None):
-    """Run `torchrun --standalone` (rendezvous on a free loopback port) with `args`."""
-    full_env = {**os.environ, **(env or {})}
-    full_env.pop("OMP_NUM_THREADS", None)
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "qatdist.train",
-        *args,
-    ]
-    return subprocess.run(
-        command, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, env=None):
+    """Run `torchrun --standalone` (rendezvous on a free loopback port) with `args`, waiting
+    on its progress (`tests/jobs.py`); the result as `subprocess.run` would return it."""
+    command = torchrun_command(args, nproc=nproc)
+    job = run_to_end(
+        command, Path(tempfile.mkdtemp(prefix="torchrun-logs-")), cwd=cwd, env=launch_env(env)
     )
+    return subprocess.CompletedProcess(command, job.proc.returncode, job.stdout, job.stderr)
 
 
 @pytest.fixture(scope="session")

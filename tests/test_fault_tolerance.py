@@ -2,14 +2,13 @@
 end in a clean recovery (bitwise the uninterrupted model) or a clear error, in bounded time.
 
 Every run trains `tests.tiny_model:tiny_cnn` on the session's tiny shards for 3 epochs x 6
-steps with a checkpoint every 2 steps and no final Inductor compile. Every launch has a timeout
-and whatever is left of it is killed.
+steps with a checkpoint every 2 steps and no final Inductor compile. Every launch is waited on
+by its progress (`tests/jobs.py`) and whatever is left of it is killed.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import io
 import json
@@ -17,8 +16,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
-import sys
 import tarfile
 import textwrap
 import time
@@ -27,14 +24,13 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, tiny_run_args
+from conftest import tiny_run_args
+from jobs import Job, run_to_end, torchrun_command
 
 from qatdist.checkpoint import Checkpointer
 from qatdist.config import CheckpointConfig
 
 STEPS = 18  # 3 epochs x 6 steps
-RUN_TIMEOUT = 150  # seconds for one launch; a hang shows as a timeout well before pytest's
-START_ERROR_TIMEOUT = 60  # seconds for a launch that must fail before training
 
 
 def run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[str]:
@@ -52,106 +48,12 @@ def run_args(shards: dict[str, str], out_dir: Path, *extra: str) -> list[str]:
     )
 
 
-def _env() -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OMP_NUM_THREADS", None)
-    return env
+def start_job(args: list[str], log_dir: Path, *, nproc: int = 2, max_restarts: int = 0) -> Job:
+    return Job(torchrun_command(args, nproc=nproc, max_restarts=max_restarts), log_dir)
 
 
-class Job:
-    """A launch (torchrun, or one plain process) with output in files. `close()` kills whatever
-    of it is still alive."""
-
-    def __init__(self, args: list[str], log_dir: Path, *, nproc: int = 2, max_restarts: int = 0):
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.stdout_path, self.stderr_path = log_dir / "stdout.txt", log_dir / "stderr.txt"
-        if nproc:
-            launcher = [
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc_per_node={nproc}",
-                f"--max-restarts={max_restarts}",
-            ]
-        else:  # one process without torchrun
-            launcher = []
-        entry = args if args and args[0].endswith(".py") else ["-m", "qatdist.train", *args]
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, *launcher, *entry],
-                cwd=ROOT,
-                env=_env(),
-                stdout=out,
-                stderr=err,
-            )
-        self.started = time.monotonic()
-        self.seconds: float | None = None
-
-    def workers(self) -> dict[int, psutil.Process]:
-        """The rank processes (torchrun's direct children), by RANK."""
-        found = {}
-        for child in psutil.Process(self.proc.pid).children():
-            with contextlib.suppress(psutil.Error):
-                rank = child.environ().get("RANK")
-                if rank is not None:
-                    found[int(rank)] = child
-        return found
-
-    def wait(self, timeout: float) -> int:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.close()
-            pytest.fail(f"launch still running after {timeout} s:\n{self.output()}")
-        self.seconds = time.monotonic() - self.started
-        return rc
-
-    def close(self) -> None:
-        """SIGKILL the launcher and everything under it (torchrun gives each worker a session
-        of its own, so killing a process group would not reach them)."""
-        try:
-            launcher = psutil.Process(self.proc.pid)
-            tree = [launcher, *launcher.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            tree = []
-        for process in tree:
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-        psutil.wait_procs(tree, timeout=30)
-        self.proc.wait(timeout=30)
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text()
-
-    def output(self, chars: int = 6000) -> str:
-        return f"--- stdout\n{self.stdout[-chars:]}\n--- stderr\n{self.stderr[-chars:]}"
-
-
-def run_job(args: list[str], log_dir: Path, timeout: float = RUN_TIMEOUT, **kw) -> Job:
-    job = Job(args, log_dir, **kw)
-    try:
-        job.wait(timeout)
-    finally:
-        job.close()
-    return job
-
-
-def wait_for(condition, job: Job, timeout: float = RUN_TIMEOUT, what: str = "") -> float:
-    """Poll `condition()` every 20 ms until true; fail if the job ends first or on timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if job.proc.poll() is not None:
-            pytest.fail(f"launch ended (rc {job.proc.returncode}) before {what}:\n{job.output()}")
-        if time.monotonic() > deadline:
-            job.close()
-            pytest.fail(f"no {what} after {timeout} s:\n{job.output()}")
-        time.sleep(0.02)
-    return time.monotonic()
+def run_job(args: list[str], log_dir: Path, *, nproc: int = 2) -> Job:
+    return run_to_end(torchrun_command(args, nproc=nproc), log_dir)
 
 
 def steps_written(out_dir: Path) -> list[int]:
@@ -220,18 +122,18 @@ def killed_run(tiny_shards, tmp_path_factory) -> dict:
     driver = tmp / "kill_mid_write.py"
     driver.write_text(KILL_MID_WRITE)
     args = [str(driver), "10", "1", *run_args(tiny_shards, out_dir)]
-    job = Job(args, tmp / "logs", max_restarts=2)
+    job = start_job(args, tmp / "logs", max_restarts=2)
     try:
-        wait_for(lambda: steps_written(out_dir), job, what="checkpoint step-2")
+        job.wait_until(lambda: steps_written(out_dir), "checkpoint step-2")
         victim = job.workers()[1]
         attempt = victim.environ()["TORCHELASTIC_RESTART_COUNT"]
         victim.send_signal(signal.SIGKILL)
         killed_at = max(steps_written(out_dir))
         # torchrun logs each failure before it restarts; attempt 2 needs seconds to start, so
         # the folder rank 0 was writing is still there to be seen.
-        wait_for(lambda: job.stderr.count("exitcode: -9") == 2, job, what="the second kill")
+        job.wait_until(lambda: job.stderr.count("exitcode: -9") == 2, "the second kill")
         after_write_kill = {p.name: sorted(f.name for f in p.iterdir()) for p in root.iterdir()}
-        job.wait(RUN_TIMEOUT)
+        job.wait()
     finally:
         job.close()
     return {
@@ -305,15 +207,15 @@ def stopped_rank_scenario(shards: dict[str, str], tmp_path: Path) -> dict:
     end. Rank 1 stays stopped: torchrun's SIGTERM waits (30 s) before its SIGKILL."""
     out_dir = tmp_path / "run"
     args = run_args(shards, out_dir, f"--runtime.timeout_s={STOP_TIMEOUT_S}")
-    job = Job(args, tmp_path / "logs")
+    job = start_job(args, tmp_path / "logs")
     try:
-        wait_for(lambda: steps_written(out_dir), job, what="a first checkpoint")
+        job.wait_until(lambda: steps_written(out_dir), "a first checkpoint")
         workers = job.workers()
         workers[1].suspend()  # SIGSTOP: alive, holding its sockets, answering nothing
         stopped = time.monotonic()
         psutil.wait_procs([workers[0]], timeout=STOP_TIMEOUT_S + 60)
         rank0_s = time.monotonic() - stopped
-        rc = job.wait(STOP_TIMEOUT_S + 120)
+        rc = job.wait()
         job_s = time.monotonic() - stopped
     finally:
         job.close()
@@ -330,7 +232,7 @@ def stopped_rank(tiny_shards, tmp_path_factory):
 
 @pytest.mark.slow
 def test_stopped_rank_ends_the_job_by_the_collective_timeout(stopped_rank):
-    result = stopped_rank.result(timeout=RUN_TIMEOUT + STOP_TIMEOUT_S + 120)
+    result = stopped_rank.result()  # the job's own waits bound this
     job = result["job"]
     assert result["rc"] != 0, job.output()
     # Rank 0 fails by gloo's timeout (plus its exit), not by anything else ...
@@ -344,14 +246,14 @@ def test_stopped_rank_ends_the_job_by_the_collective_timeout(stopped_rank):
 @pytest.mark.slow
 def test_sigterm_stops_workers_promptly_and_a_relaunch_resumes(reference, tiny_shards, tmp_path):
     out_dir = tmp_path / "run"
-    job = Job(run_args(tiny_shards, out_dir), tmp_path / "logs-1")
+    job = start_job(run_args(tiny_shards, out_dir), tmp_path / "logs-1")
     try:
-        wait_for(lambda: any(s >= 4 for s in steps_written(out_dir)), job, what="step-4")
+        job.wait_until(lambda: any(s >= 4 for s in steps_written(out_dir)), "step-4")
         processes = psutil.Process(job.proc.pid).children(recursive=True)
         assert len(job.workers()) == 2
         job.proc.send_signal(signal.SIGTERM)
         terminated = time.monotonic()
-        rc = job.wait(60)
+        rc = job.wait(limit_s=60)  # promptness is what this test checks
         _, alive = psutil.wait_procs(processes, timeout=30)
         stop_s = time.monotonic() - terminated
     finally:
@@ -450,7 +352,7 @@ def expect_start_error(job: Job, message: str, exit_code: int = 2) -> None:
 
 def test_fewer_shards_than_ranks_x_loader_workers_is_refused_at_start(tiny_shards, tmp_path):
     args = run_args(tiny_shards, tmp_path / "run", "--data.num_workers=3")
-    job = run_job(args, tmp_path / "l", timeout=START_ERROR_TIMEOUT)
+    job = run_job(args, tmp_path / "l")
     # Every worker exits 2 before the process group; torchrun reports it and exits 1 itself.
     expect_start_error(job, "matches 4 shard(s), fewer than world_size (2) x", exit_code=1)
     assert "exitcode  : 2" in job.stderr
@@ -469,7 +371,7 @@ def test_fewer_shards_than_ranks_x_loader_workers_is_refused_at_start(tiny_shard
 def test_bad_input_is_refused_at_start(tiny_shards, tmp_path, override, message):
     folder = Path(tiny_shards["train_shards"]).parent
     args = run_args(tiny_shards, tmp_path / "run", override.format(folder=folder))
-    job = run_job(args, tmp_path / "l", nproc=0, timeout=START_ERROR_TIMEOUT)
+    job = run_job(args, tmp_path / "l", nproc=0)
     expect_start_error(job, message)
 
 
@@ -480,7 +382,7 @@ def test_corrupt_resume_from_checkpoint_is_refused_at_start(reference, tiny_shar
         f.seek(40)
         f.write(b"\x00" * 16)
     args = run_args(tiny_shards, tmp_path / "run", f"--checkpoint.resume_from={folder}")
-    job = run_job(args, tmp_path / "l", nproc=0, timeout=START_ERROR_TIMEOUT)
+    job = run_job(args, tmp_path / "l", nproc=0)
     expect_start_error(job, f"checkpoint.resume_from: {folder / 'optimizer.pt'}: corrupt")
 
 
@@ -506,7 +408,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(reference, tiny_shards, 
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
     args = run_args(tiny_shards, tmp_path / "run", f"--checkpoint.resume_from={folder}")
-    job = run_job(args, tmp_path / "l", nproc=0, timeout=RUN_TIMEOUT)
+    job = run_job(args, tmp_path / "l", nproc=0)
     assert job.proc.returncode == 2, job.output()
     assert f"{folder / 'model.pt'}: refused" in job.stderr
     assert not marker.exists()

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torchvision
 from torch._inductor.utils import run_and_get_code
+from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from qatdist.config import ConfigError, QuantConfig
@@ -15,6 +16,7 @@ from qatdist.quant.convert import compile_for_inference, convert_to_int8
 from qatdist.quant.inspect import annotated_layers, count_quantized_ops
 from qatdist.quant.model import QatModel
 from qatdist.quant.prepare import build_quantizer, prepare_qat
+from qatdist.quant.ptq import prepare_ptq, ptq_quantization_config
 
 
 def _fake_quant_count(model):
@@ -39,6 +41,30 @@ def test_fp32_module_names_are_left_unquantized():
     everything = prepare_qat(capture(model, example), QuantConfig())
     kept = prepare_qat(capture(model, example), QuantConfig(fp32_module_names=["conv1", "fc"]))
     assert _fake_quant_count(kept) < _fake_quant_count(everything)
+
+
+def test_ptq_baseline_observes_with_min_max_and_keeps_the_same_layers_fp32():
+    """The PTQ baseline is post-training quantization: min/max observers, no fake quantization
+    (a QAT quantizer given the PTQ config would keep its moving-average fake quants), with the
+    layers QAT keeps in fp32 kept in fp32 here too."""
+    model = torchvision.models.resnet18(num_classes=10)
+    cfg = QuantConfig(fp32_module_names=["conv1", "fc"])
+    prepared = prepare_ptq(model, model.state_dict(), cfg, image_size=32)
+    observers = {type(m) for name, m in prepared.named_modules() if name.startswith("activation_")}
+    assert observers == {MinMaxObserver, PerChannelMinMaxObserver}
+    qat = prepare_qat(capture(model, torch.randn(2, 3, 32, 32)), cfg)
+
+    def quantization_points(graph):  # top-level observers / fake quants (not their parts)
+        return [name for name, _ in graph.named_children() if name.startswith("activation_post")]
+
+    assert len(quantization_points(prepared)) == len(quantization_points(qat)) > 30
+
+
+def test_a_refused_quantization_config_fails_the_tests():
+    """The old PTQ bug: a QAT quantizer given the PTQ config warns and stays QAT. pyproject's
+    pytest filters make that warning an error, so it can never pass silently again."""
+    with pytest.raises(UserWarning, match="Mixed QAT and Non-QAT"):
+        build_quantizer(QuantConfig()).set_global(ptq_quantization_config())
 
 
 def test_unknown_fp32_module_type_is_an_error():

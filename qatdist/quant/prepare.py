@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import importlib
+import re
+import warnings
 
 import torch
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationConfig
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
     X86InductorQuantizer,
     get_default_x86_inductor_quantization_config,
@@ -76,14 +79,41 @@ class _QatX86InductorQuantizer(X86InductorQuantizer):
         return model
 
 
-def build_quantizer(cfg: QuantConfig) -> X86InductorQuantizer:
-    """The x86 Inductor quantizer with the QAT config globally; listed modules stay fp32."""
+# X86InductorQuantizer's setters answer a config they cannot apply with a UserWarning and keep
+# the previous one (a QAT quantizer given a PTQ global config stays QAT). In qatdist that is
+# always a bug, so `build_quantizer` turns these warnings into errors; pyproject.toml's pytest
+# filters make them errors in the tests wherever else they come from.
+REFUSED_CONFIG_WARNINGS = (
+    "Mixed QAT and Non-QAT quantization config",
+    "Mixed dynamic and static quantization config",
+    "Skip the global quantization config",
+    "Skip the quantization config for",
+    "The global_config for X86InductorQuantizer is currently invalid",
+    "function: Unable to customize quantization config",
+    "Module: Unable to customize quantization config",
+    "operator: Unable to quantize",
+)
+
+
+def build_quantizer(
+    cfg: QuantConfig, global_config: QuantizationConfig | None = None
+) -> X86InductorQuantizer:
+    """A new x86 Inductor quantizer with `global_config` (default: the QAT config) for every
+    layer but those `cfg` keeps in fp32.
+
+    One quantizer holds one kind of config: `X86InductorQuantizer` refuses to mix QAT and
+    post-training configs, so each mode builds its own quantizer."""
     quantizer = _QatX86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
-    for name in cfg.fp32_module_names:
-        quantizer.set_module_name_qconfig(name, None)
-    for dotted in cfg.fp32_module_types:
-        quantizer.set_module_type_qconfig(_resolve_type(dotted), None)
+    with warnings.catch_warnings():
+        for message in REFUSED_CONFIG_WARNINGS:
+            warnings.filterwarnings("error", message=re.escape(message), category=UserWarning)
+        quantizer.set_global(
+            global_config or get_default_x86_inductor_quantization_config(is_qat=True)
+        )
+        for name in cfg.fp32_module_names:
+            quantizer.set_module_name_qconfig(name, None)
+        for dotted in cfg.fp32_module_types:
+            quantizer.set_module_type_qconfig(_resolve_type(dotted), None)
     return quantizer
 
 

@@ -50,6 +50,24 @@ def float_weights(prepared_state: dict[str, torch.Tensor], fp32_model: torch.nn.
     return {k: prepared_state[k].detach().clone() for k in wanted}
 
 
+def prepare_ptq(
+    fp32_model: torch.nn.Module,
+    weights: dict[str, torch.Tensor],
+    quant_cfg: QuantConfig,
+    *,
+    image_size: int,
+) -> torch.fx.GraphModule:
+    """A copy of `fp32_model` with `weights`, captured in eval mode and prepared with the PTQ
+    config (observers, no fake quantization; layers of `quant_cfg.fp32_module_names/types`
+    kept fp32, as in QAT). `fp32_model` itself is not changed."""
+    model = copy.deepcopy(fp32_model)
+    model.load_state_dict(weights)
+    model.eval()
+    quantizer = build_quantizer(quant_cfg, ptq_quantization_config())
+    example = torch.zeros(2, 3, image_size, image_size)
+    return prepare_pt2e(capture(model, example), quantizer)
+
+
 def post_training_int8(
     fp32_model: torch.nn.Module,
     weights: dict[str, torch.Tensor],
@@ -59,18 +77,11 @@ def post_training_int8(
     image_size: int,
     group=None,
 ) -> torch.fx.GraphModule:
-    """PTQ of `fp32_model`'s architecture with `weights`: capture in eval mode, prepare with the
-    PTQ config (layers of `quant_cfg.fp32_module_names/types` kept fp32), run `calibration`
+    """PTQ of `fp32_model`'s architecture with `weights` (`prepare_ptq`): run `calibration`
     (this rank's image batches), sync observer statistics across `group`'s ranks (a collective:
     every rank calls, whatever its number of batches), convert. Returns the int8 model in eval
-    mode. `fp32_model` itself is not changed."""
-    model = copy.deepcopy(fp32_model)
-    model.load_state_dict(weights)
-    model.eval()
-    quantizer = build_quantizer(quant_cfg)
-    quantizer.set_global(ptq_quantization_config())
-    example = torch.zeros(2, 3, image_size, image_size)
-    prepared = prepare_pt2e(capture(model, example), quantizer)
+    mode."""
+    prepared = prepare_ptq(fp32_model, weights, quant_cfg, image_size=image_size)
     with torch.no_grad():
         for images in calibration:
             prepared(images)
