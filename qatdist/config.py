@@ -86,6 +86,21 @@ class QuantConfig:
     fake_quant_start_step: int = _f(0, "Step at which fake quantization turns on (fp32 before).")
     observer_freeze_step: int = _f(-1, "Step at which observers freeze (-1: never).")
     bn_freeze_step: int = _f(-1, "Step at which BatchNorm statistics freeze (-1: never).")
+    fake_quant_start_at: float = _f(
+        -1.0,
+        "fake_quant_start_step as a fraction of the run's steps, e.g. 0.1; given, it wins "
+        "over the step (-1: use the step).",
+    )
+    observer_freeze_at: float = _f(
+        -1.0,
+        "observer_freeze_step as a fraction of the run's steps, e.g. 0.9; given, it wins over "
+        "the step (-1: use the step).",
+    )
+    bn_freeze_at: float = _f(
+        -1.0,
+        "bn_freeze_step as a fraction of the run's steps, e.g. 0.75; given, it wins over the "
+        "step (-1: use the step).",
+    )
     sync_every_steps: int = _f(
         50, "Cross-rank observer/BatchNorm statistics sync interval in steps."
     )
@@ -124,6 +139,11 @@ class OptimConfig:
     momentum: float = _f(0.9, "SGD momentum.")
     weight_decay: float = _f(5e-5, "Weight decay.")
     warmup_steps: int = _f(20, "Linear LR warm-up steps before the cosine decay.")
+    warmup_at: float = _f(
+        -1.0,
+        "warmup_steps as a fraction of the run's steps, e.g. 0.05; given, it wins over the "
+        "steps (-1: use the steps).",
+    )
     min_lr_ratio: float = _f(0.01, "Final LR as a fraction of train.lr.")
 
 
@@ -204,6 +224,30 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# (section, fraction key, step key): schedule points a config can give either way.
+SCHEDULE_FRACTIONS = (
+    ("quant", "fake_quant_start_at", "fake_quant_start_step"),
+    ("quant", "observer_freeze_at", "observer_freeze_step"),
+    ("quant", "bn_freeze_at", "bn_freeze_step"),
+    ("optim", "warmup_at", "warmup_steps"),
+)
+
+
+def with_schedule_steps(cfg: Config, total_steps: int) -> Config:
+    """`cfg` with every schedule point given as a fraction of the run (`*_at`) turned into its
+    step key (round(fraction x total_steps)) and the fraction reset to -1, so the resolved
+    config holds steps only. A fraction given takes precedence over its step key."""
+    sections = {name: getattr(cfg, name) for name, _, _ in SCHEDULE_FRACTIONS}
+    for section, fraction_key, step_key in SCHEDULE_FRACTIONS:
+        part = sections[section]
+        fraction = getattr(part, fraction_key)
+        if fraction < 0:
+            continue
+        step = round(fraction * total_steps)
+        sections[section] = dataclasses.replace(part, **{step_key: step, fraction_key: -1.0})
+    return dataclasses.replace(cfg, **sections)
 
 
 def _field_types(cls) -> dict[str, object]:

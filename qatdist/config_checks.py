@@ -102,10 +102,17 @@ def _check_training(cfg: Config) -> None:
     _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)
     _require(o.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0", o.warmup_steps)
+    _check_fraction("optim", "warmup_at", o.warmup_at)
     _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "a number in [0, 1]", o.min_lr_ratio)
 
 
+def _check_fraction(section: str, key: str, value: float) -> None:
+    _require(value == -1 or 0 <= value <= 1, f"{section}.{key}", "-1 or a number in [0, 1]", value)
+
+
 def _check_quant(q: QuantConfig) -> None:
+    for key in ("fake_quant_start_at", "observer_freeze_at", "bn_freeze_at"):
+        _check_fraction("quant", key, getattr(q, key))
     _require(
         q.fake_quant_start_step >= 0, "quant.fake_quant_start_step", ">= 0", q.fake_quant_start_step
     )

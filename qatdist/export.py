@@ -22,7 +22,7 @@ from qatdist import config, data
 from qatdist.accuracy_control import with_fp32_layers
 from qatdist.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
 from qatdist.evaluate import count_correct
-from qatdist.finalize import QuantizationIncomplete, finalize
+from qatdist.finalize import FinalCheckFailed, QuantizationIncomplete, finalize
 from qatdist.quant import QatModel
 from qatdist.runfolder import RunFolder
 
@@ -178,10 +178,11 @@ def export_run(
                 out_dir=out_dir,
                 report=report,
                 require_full_quantization=cfg.runtime.require_full_quantization,
+                eval_mismatch=qat.eval_mismatch,
             )
         except (config.ConfigError, data.DataError) as e:  # shards gone or damaged meanwhile
             raise ExportError(f"validation data: {e}; nothing was written to {out_dir}") from e
-        except QuantizationIncomplete as e:
+        except (QuantizationIncomplete, FinalCheckFailed) as e:
             raise ExportError(str(e)) from e
 
 

@@ -52,6 +52,24 @@ ARTIFACTS = (
 )
 
 
+class FinalCheckFailed(RuntimeError):
+    """The model about to be written does not compute what it should: the int8 model answers
+    one input differently on two calls, or the float eval graph differs from the eager model
+    in eval mode. Nothing is written."""
+
+
+def check_deterministic(model: Callable, images: torch.Tensor, what: str) -> None:
+    """Raise FinalCheckFailed unless two calls of `model` on `images` agree exactly."""
+    with torch.no_grad():
+        first, second = model(images), model(images)
+    if not torch.equal(first, second):
+        diff = (first - second).abs().max().item()
+        raise FinalCheckFailed(
+            f"{what} answers the same input differently on two calls (max |difference| "
+            f"{diff:.4g}): a random op is left in it"
+        )
+
+
 class QuantizationIncomplete(RuntimeError):
     """Annotated layers were left in float and the caller required full quantization."""
 
@@ -383,6 +401,7 @@ def finalize(
     report: dict | None = None,
     reference_samples: int = 256,
     require_full_quantization: bool = False,
+    eval_mismatch: Callable[[torch.Tensor], str | None] | None = None,
 ) -> dict:
     """Convert `prepared` (a QAT model in eval mode, observers off), evaluate and benchmark it,
     and write the artifacts listed in the module docstring into `out_dir`.
@@ -398,6 +417,10 @@ def finalize(
     Annotated layers left in float set `quantization_complete: false` and a warning; with
     `require_full_quantization` they raise QuantizationIncomplete and nothing is written. An
     int8 model slower than fp32 logs the likely causes (`slower_int8_causes`).
+
+    Before anything is written, the int8 model must answer a batch identically twice, and
+    `eval_mismatch(images)` (`QatModel.eval_mismatch`: the float eval graph against the eager
+    model in eval mode) must find nothing; otherwise FinalCheckFailed.
     """
     batch_sizes = sorted(set(batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
@@ -413,6 +436,9 @@ def finalize(
         examples = {
             b: torch.randn(b, 3, image_size, image_size, generator=generator) for b in batch_sizes
         }
+        check_deterministic(int8_model, examples[main_batch], "the int8 model")
+        if eval_mismatch is not None and (mismatch := eval_mismatch(examples[main_batch])):
+            raise FinalCheckFailed(mismatch)
         exported = _save_program_and_reference(int8_model, examples[main_batch], stage)
         quantized_ops: dict[str, dict[str, int]] = {}
         forwards: dict[str, Callable] = {"fp32": fp32_model, "int8": int8_model}

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     from qatdist import data, demo, transforms  # heavy imports only once the config is valid
     from qatdist.checkpoint import CheckpointError, find_complete
     from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
-    from qatdist.finalize import QuantizationIncomplete
+    from qatdist.finalize import FinalCheckFailed, QuantizationIncomplete
     from qatdist.guards import NonFiniteError
     from qatdist.monitor import setup_logging
     from qatdist.runfolder import RunFolder
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except QuantizationIncomplete as e:  # runtime.require_full_quantization; final/ untouched
         logging.getLogger("qatdist").error("quantization incomplete: %s", e)
+        return 1
+    except FinalCheckFailed as e:  # final/ untouched
+        logging.getLogger("qatdist").error("final check failed: %s", e)
         return 1
     finally:
         if trainer is not None:

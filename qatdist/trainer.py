@@ -24,7 +24,7 @@ from qatdist.checkpoint import (
     read_checkpoint,
     restore_rng_state,
 )
-from qatdist.config import Config, ConfigError, to_toml
+from qatdist.config import Config, ConfigError, to_toml, with_schedule_steps
 from qatdist.distributed import (
     DistEnv,
     all_gather_object,
@@ -64,6 +64,8 @@ class Trainer:
                 f"batch ({global_batch}); set train.steps_per_epoch or a smaller train.batch_size"
             )
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        # Schedule points given as fractions of the run become steps (what resolved_config holds).
+        self.cfg = cfg = with_schedule_steps(cfg, self.total_steps)
 
         # The same seed on every rank: identical initial weights.
         self.qat = QatModel.build(
@@ -347,7 +349,7 @@ class Trainer:
             report = self._training_report(fq_top1, baselines) | budget_fields
             if not self.env.is_rank0:
                 return None
-            return self._finalize(report, final)
+            return self._finalize(report, final, model)
 
     def _training_report(self, fq_top1: float, baselines: dict[str, float]) -> dict:
         """The report fields only training knows (collective: gathers every rank's state hash,
@@ -387,8 +389,9 @@ class Trainer:
             torchao_version=torchao.__version__,
         )
 
-    def _finalize(self, report: dict, final: QatModel) -> dict:
-        """Rank 0: convert `final`, compile, measure and write `final/` (report.json among it)."""
+    def _finalize(self, report: dict, final: QatModel, eval_model: torch.fx.GraphModule) -> dict:
+        """Rank 0: convert `final` (`eval_model`: its graph as `final.evaluating()` yields it),
+        compile, measure and write `final/` (report.json among it)."""
         cfg, r = self.cfg, self.cfg.runtime
         if self.placement.pinning and self.placement.node_cpus:
             # The other ranks are done: rank 0 takes its whole node for compile and benchmark.
@@ -400,7 +403,7 @@ class Trainer:
         # The AOTInductor package (about a minute to build for resnet18 on 2 cores) is left to
         # scripts/export_final.py, which runs this same step.
         report = finalize(
-            final.prepared,
+            eval_model,
             final.fp32_model,
             lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
             image_size=cfg.data.image_size,
@@ -411,6 +414,7 @@ class Trainer:
             aoti=False,
             report=report,
             require_full_quantization=r.require_full_quantization,
+            eval_mismatch=final.eval_mismatch,
         )
         self.monitor.final(report, cfg)
         self.monitor.info(

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from qatdist import config
 from qatdist.config import ConfigError
@@ -130,3 +131,40 @@ def test_help_lists_every_key():
     for name, values in config.Config().to_dict().items():
         for key in values:
             assert f"--{name}.{key}" in result.stdout
+
+
+def test_schedule_fractions_become_steps_and_the_resolved_config_holds_steps(shards):
+    cfg = config.load(
+        None,
+        {
+            "data": shards,
+            "quant": {"bn_freeze_at": 0.75, "observer_freeze_at": 0.9, "fake_quant_start_at": 0},
+            "optim": {"warmup_at": 0.05},
+        },
+    )
+    resolved = config.with_schedule_steps(cfg, total_steps=200)
+    q, o = resolved.quant, resolved.optim
+    assert (q.fake_quant_start_step, q.bn_freeze_step, q.observer_freeze_step) == (0, 150, 180)
+    assert o.warmup_steps == 10
+    assert (q.bn_freeze_at, q.observer_freeze_at, o.warmup_at) == (-1.0, -1.0, -1.0)
+    # the resolved config loads again as it is (what export_final.py rebuilds from)
+    reloaded = config.from_dict(tomllib.loads(config.to_toml(resolved)))
+    assert reloaded.quant == q and reloaded.optim == o
+    # step keys untouched by a fraction stay as given
+    assert config.with_schedule_steps(config.load(None, {"data": shards}), 200) == config.load(
+        None, {"data": shards}
+    )
+
+
+@pytest.mark.parametrize(
+    ("quant", "message"),
+    [
+        (
+            {"observer_freeze_at": 1.5},
+            "quant.observer_freeze_at: expected -1 or a number in [0, 1]",
+        ),
+    ],
+)
+def test_bad_schedule_fractions_are_refused(shards, quant, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config.load(None, {"data": shards, "quant": quant})

@@ -18,11 +18,12 @@ from qatdist.config import ModelConfig, QuantConfig
 from qatdist.evaluate import preserved_rng
 from qatdist.models import build_model
 from qatdist.quant import schedule
-from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.prepare import prepare_qat
+from qatdist.quant.ptq import float_weights
 from qatdist.quant.schedule import QatPhase
 from qatdist.quant.sync import SyncStats, sync_quant_stats
+from qatdist.quant.training_only import TrainingOnlyBranchError, capture_for_qat, eager_mismatch
 
 
 class QatModel:
@@ -44,6 +45,8 @@ class QatModel:
         self.fp32_model = fp32_model
         self.prepared = prepared
         self.quant_cfg = quant_cfg
+        # Training-only random ops left out of the graph (`training_only.capture_for_qat`).
+        self.training_only_ops: list[str] = []
         self.phase = schedule.phase_at(0, quant_cfg)
         self._applied = self.phase  # differs from `phase` inside `evaluating()`
         self._training = True
@@ -63,16 +66,26 @@ class QatModel:
         fp32 model (loading `model_cfg.weights` if set), capture and prepare it for QAT."""
         torch.manual_seed(seed)
         fp32_model = build_model(model_cfg, num_classes)
-        return cls.from_fp32(fp32_model, quant_cfg, image_size=image_size)
+        qat = cls.from_fp32(fp32_model, quant_cfg, image_size=image_size)
+        # Before any training: the eval graph must compute what the eager model does in eval().
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randn(2, 3, image_size, image_size, generator=generator)
+        if mismatch := qat.eval_mismatch(images):
+            raise TrainingOnlyBranchError(f"model.name: {model_cfg.name}: {mismatch}")
+        return qat
 
     @classmethod
     def from_fp32(
         cls, fp32_model: torch.nn.Module, quant_cfg: QuantConfig, *, image_size: int
     ) -> QatModel:
-        """Capture (dynamic batch, `image_size` x `image_size` RGB input) and prepare a copy of
+        """Capture (dynamic batch, `image_size` x `image_size` RGB input; in train mode unless
+        the model has training-only branches, `training_only`) and prepare a copy of
         `fp32_model`; the copy because the captured graph would share its tensors."""
         example = torch.randn(2, 3, image_size, image_size)
-        return cls.from_captured(fp32_model, capture(copy.deepcopy(fp32_model), example), quant_cfg)
+        graph, training_only_ops = capture_for_qat(copy.deepcopy(fp32_model), example)
+        qat = cls.from_captured(fp32_model, graph, quant_cfg)
+        qat.training_only_ops = training_only_ops
+        return qat
 
     @classmethod
     def from_captured(
@@ -132,6 +145,24 @@ class QatModel:
         as it was. Converted in the current mode: from train mode, the conv-BN fold also drops
         the BatchNorm tensors, which a conversion in eval mode leaves behind unused."""
         return convert_to_int8(self.prepared)
+
+    def eval_mismatch(self, images: torch.Tensor) -> str | None:
+        """None when the float eval graph is deterministic on `images` and matches the eager
+        fp32 model holding the same weights in `eval()` (within float32 rounding); otherwise
+        what differs, with the numbers. Runs on a copy: a forward with fake quant off still
+        resizes per-channel scale buffers (torchao's fused op), which would change
+        `state_sha256()`."""
+        probe = copy.deepcopy(self)
+        eager = probe.fp32_model
+        eager.load_state_dict(float_weights(probe.state_dict(), eager))
+        with torch.no_grad(), probe.evaluating(fake_quant=False) as graph:
+            first, second = graph(images), graph(images)
+        if not torch.equal(first, second):
+            diff = (first - second).abs().max().item()
+            return f"two evaluations of the same batch differ (max |difference| {diff:.4g})"
+        with torch.no_grad():
+            mismatch = eager_mismatch(first, eager.eval()(images))
+        return None if mismatch is None else f"eval graph vs eager model in eval(): {mismatch}"
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.prepared.parameters()

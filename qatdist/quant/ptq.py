@@ -42,12 +42,15 @@ def ptq_quantization_config():
 
 def float_weights(prepared_state: dict[str, torch.Tensor], fp32_model: torch.nn.Module) -> dict:
     """The entries of a prepared QAT model's state dict that the eager fp32 model has: the
-    prepared graph keeps the original parameter and buffer names, plus observer buffers."""
+    prepared graph keeps the original parameter and buffer names, plus observer buffers. A
+    graph captured in eval mode (`training_only`) has no BatchNorm `num_batches_tracked`
+    counters; the eager model's own are kept (eval never reads them)."""
     wanted = fp32_model.state_dict()
-    missing = sorted(set(wanted) - set(prepared_state))
+    counters = {k for k in wanted if k.endswith("num_batches_tracked") and k not in prepared_state}
+    missing = sorted(set(wanted) - set(prepared_state) - counters)
     if missing:
         raise KeyError(f"prepared state lacks fp32 entries: {', '.join(missing[:5])}")
-    return {k: prepared_state[k].detach().clone() for k in wanted}
+    return {k: (wanted if k in counters else prepared_state)[k].detach().clone() for k in wanted}
 
 
 def prepare_ptq(

@@ -201,6 +201,12 @@ def _stochastic_depth_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return out
 
 
+def eval_neutralized_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The random nodes `to_eval` makes deterministic: dropout (its `train` flag) and the
+    stochastic-depth mask (p 1.0)."""
+    return [*_dropout_nodes(gm), *_stochastic_depth_nodes(gm)]
+
+
 def _mask_literal(node: torch.fx.Node) -> float | None:
     """`bernoulli_`'s p (None when left out) or `div_`'s divisor."""
     if node.target == _BERNOULLI_:
