@@ -63,7 +63,7 @@ def static_vs_dynamic(name: str, image_size: int, batch_size: int, iters: int) -
     and fp32, and the largest |compiled - converted| logit difference of each int8 model beside
     the converted model's largest |logit|."""
     torch.manual_seed(0)
-    fp32 = build_model(ModelConfig(name=name), NUM_CLASSES).eval()
+    fp32 = build_model(ModelConfig(name=name), NUM_CLASSES, image_size=image_size).eval()
     with torch.no_grad():  # torchvision's ViTs start with a zero head: every logit would be 0
         for module in fp32.modules():
             if isinstance(module, torch.nn.Linear) and not module.weight.any():

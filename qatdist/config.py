@@ -39,10 +39,17 @@ class RunConfig:
 class ModelConfig:
     name: str = _f(
         "resnet18",
-        "torchvision classification model name, or a factory 'package.module:function' "
-        "called with num_classes.",
+        "torchvision classification model name, or a factory 'package.module:function' or "
+        "'path/to/file.py:function' (relative to the working directory), called with "
+        "num_classes when it takes that argument, else with none (its output width must then "
+        "be data.num_classes).",
     )
-    weights: str = _f("", "Optional local weights file (state dict) loaded before capture.")
+    weights: str = _f(
+        "",
+        "Optional local weights file loaded strictly before capture: a state dict (torch.save "
+        "or .safetensors), plain or under 'state_dict'/'model'/'model_state_dict'/'ema', "
+        "names may carry a 'module.' (DDP) or '_orig_mod.' (torch.compile) prefix.",
+    )
 
 
 @dataclass
@@ -76,8 +83,8 @@ class DataConfig:
     )
     transform: str = _f(
         "",
-        "Optional 'package.module:function' building the train transform; see docs/data.md "
-        "('' = the built-in crop, flip and normalisation).",
+        "Optional factory 'package.module:function' or 'path/to/file.py:function' building the "
+        "train transform; see docs/data.md ('' = the built-in crop, flip and normalisation).",
     )
 
 

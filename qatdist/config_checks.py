@@ -8,6 +8,7 @@ import glob
 from pathlib import Path
 
 from qatdist.config import GRAD_COMPRESSION, Config, ConfigError, DataConfig, QuantConfig
+from qatdist.factories import FORMS, factory_file, split_spec
 
 
 def _require(cond: bool, key: str, expected: str, value) -> None:
@@ -28,6 +29,8 @@ def validate(cfg: Config) -> None:
 def _check_run_and_model(cfg: Config) -> None:
     _require(bool(cfg.run.out_dir), "run.out_dir", "a non-empty path", cfg.run.out_dir)
     _require(bool(cfg.model.name), "model.name", "a model name", cfg.model.name)
+    if ":" in cfg.model.name:
+        _check_factory_spec("model.name", cfg.model.name)
     if cfg.model.weights:
         _require(
             Path(cfg.model.weights).is_file(),
@@ -35,6 +38,15 @@ def _check_run_and_model(cfg: Config) -> None:
             "an existing local file",
             cfg.model.weights,
         )
+
+
+def _check_factory_spec(key: str, spec: str) -> None:
+    """The spec's form, and for the file form that the file exists (imports wait for the run)."""
+    target, function_name = split_spec(spec)
+    _require(bool(target and function_name), key, FORMS, spec)
+    file = factory_file(spec)
+    if file is not None:
+        _require(file.is_file(), key, "an existing .py file before the ':'", spec)
 
 
 def _check_data(d: DataConfig) -> None:
@@ -56,12 +68,8 @@ def _check_data(d: DataConfig) -> None:
     )
     _require(len(d.mean) == 3, "data.mean", "3 numbers (R, G, B)", d.mean)
     _require(len(d.std) == 3 and all(v > 0 for v in d.std), "data.std", "3 positive numbers", d.std)
-    _require(
-        not d.transform or ":" in d.transform,
-        "data.transform",
-        "'' or 'package.module:function'",
-        d.transform,
-    )
+    if d.transform:
+        _check_factory_spec("data.transform", d.transform)
     for key in ("train_shards", "val_shards"):
         pattern = getattr(d, key)
         _require(bool(pattern), f"data.{key}", "a shard pattern", pattern)

@@ -2,34 +2,95 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torchvision
 
 from qatdist.config import ConfigError, ModelConfig
-from qatdist.factories import load_factory
+from qatdist.factories import FORMS, describe_error, load_factory
+from qatdist.weights import WeightsSource, load_weights
 
 
-def _from_factory(spec: str, num_classes: int) -> torch.nn.Module:
-    model = load_factory(spec, "model.name")(num_classes=num_classes)
+def _takes_num_classes(factory) -> bool:
+    """Whether `factory` accepts a num_classes keyword (named, or through **kwargs as
+    torchvision's builders do). A signature Python cannot read is assumed to take it."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind == p.VAR_KEYWORD
+        or (p.name == "num_classes" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        for p in parameters
+    )
+
+
+def _from_factory(spec: str, num_classes: int, image_size: int) -> torch.nn.Module:
+    factory = load_factory(spec, "model.name")
+    takes_num_classes = _takes_num_classes(factory)
+    try:
+        model = factory(num_classes=num_classes) if takes_num_classes else factory()
+    except Exception as e:  # the factory is user code: any failure is a bad setting
+        raise ConfigError(f"model.name: factory {spec!r} raised {describe_error(e)}") from None
     if not isinstance(model, torch.nn.Module):
         raise ConfigError(f"model.name: factory {spec!r} returned {type(model).__name__}")
+    width = _output_width(model, spec, image_size)
+    if width != num_classes:
+        called = "with num_classes" if takes_num_classes else "without num_classes (it takes none)"
+        raise ConfigError(
+            f"model.name: factory {spec!r}, called {called}, builds a model with {width} "
+            f"outputs, but data.num_classes is {num_classes}; set data.num_classes = {width} "
+            f"or use a factory that builds {num_classes} outputs"
+        )
     return model
+
+
+def _output_width(model: torch.nn.Module, spec: str, image_size: int) -> int:
+    """The number of outputs of `model` on one zero image of `image_size` (data.image_size), in
+    eval mode and without gradients, so neither its state (BatchNorm statistics) nor the RNG
+    changes; each module's train/eval mode is put back."""
+    shape = (1, 3, image_size, image_size)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(shape))
+    except Exception as e:
+        raise ConfigError(
+            f"model.name: the model of factory {spec!r} fails on a {tuple(shape)} input "
+            f"(data.image_size = {image_size}): {describe_error(e)}"
+        ) from None
+    finally:
+        for module, training in modes:
+            module.training = training
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"model.name: the model of factory {spec!r} returns {got} for a {shape} input; "
+            "expected one logits tensor of shape (batch, num_classes)"
+        )
+    return out.shape[1]
 
 
 _AUX_HEADS = ("googlenet", "inception_v3")
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
-    """An fp32 classifier with `num_classes` outputs; `cfg.weights` (a local state dict) is
-    loaded strictly. Nothing is downloaded: torchvision models are built with weights=None."""
+def build_fp32(
+    cfg: ModelConfig, num_classes: int, *, image_size: int
+) -> tuple[torch.nn.Module, WeightsSource | None]:
+    """An fp32 classifier with `num_classes` outputs for `image_size` x `image_size` RGB
+    inputs, with `cfg.weights` loaded strictly (`qatdist.weights`), and where those weights came
+    from (None without model.weights). Nothing is downloaded: torchvision models are built with
+    weights=None. A factory's output width is checked on one image of `image_size`."""
     if ":" in cfg.name:
-        model = _from_factory(cfg.name, num_classes)
+        model = _from_factory(cfg.name, num_classes, image_size)
     else:
         known = torchvision.models.list_models(module=torchvision.models)
         if cfg.name not in known:
             raise ConfigError(
                 f"model.name: unknown torchvision classification model {cfg.name!r} "
-                "(or use 'package.module:function')"
+                f"(or use {FORMS})"
             )
         # googlenet and inception_v3 default to auxiliary classifiers, whose extra outputs
         # only their own training recipe uses; the int8 model serves the main head (as
@@ -38,13 +99,13 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
         model = torchvision.models.get_model(
             cfg.name, weights=None, num_classes=num_classes, **extra
         )
-    if cfg.weights:
-        try:
-            state = torch.load(cfg.weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state)
-        except Exception as e:  # a bad file must name itself, whatever torch raised
-            raise ConfigError(f"model.weights: cannot load {cfg.weights}: {e}") from None
-    return model
+    source = load_weights(model, cfg.weights) if cfg.weights else None
+    return model, source
+
+
+def build_model(cfg: ModelConfig, num_classes: int, *, image_size: int) -> torch.nn.Module:
+    """`build_fp32`'s model, for callers that do not report where its weights came from."""
+    return build_fp32(cfg, num_classes, image_size=image_size)[0]
 
 
 def tiny_vit(num_classes: int) -> torch.nn.Module:

@@ -22,13 +22,26 @@ class ReportKey:
 
 _KEYS = [
     # The run
-    ("model", "str", "torchvision model name"),
+    ("model", "str", "model.name: torchvision model name or factory"),
+    (
+        "weights_source",
+        "dict | None",
+        "model.weights as loaded: file, sha256, nesting_key (the checkpoint key the state dict "
+        "sat under, null: top level), prefix_stripped (e.g. 'module.', null: none); null "
+        "without model.weights",
+    ),
     ("world_size", "int", "ranks that trained"),
     ("global_batch_size", "int", "images per optimizer step over all ranks"),
     ("steps", "int", "optimizer steps of the final weights"),
     ("epochs", "int", "configured epochs"),
     ("checkpoint", "str | None", "checkpoint folder exported (export_final only)"),
     ("run_dir", "str", "run folder exported (export_final only)"),
+    (
+        "training_only_ops",
+        "list[str]",
+        "random training-only ops left out of the QAT graph so that evaluation and int8 compute "
+        "the eager eval model (qatdist/quant/training_only.py)",
+    ),
     ("produced_by", "str", "the command that wrote the report when not the trainer"),
     ("resumed_from_step", "int | None", "step this process resumed from, null if it did not"),
     ("train_images_per_s", "float", "training throughput of the steps this process ran"),
@@ -257,6 +270,16 @@ def _agreement_sentence(report: dict) -> str:
     )
 
 
+def _weights_md(report: dict) -> list[str]:
+    source = field(report, "weights_source")
+    if not source:
+        return []
+    how = [f"under `{source['nesting_key']}`"] if source["nesting_key"] else []
+    how += [f"prefix `{source['prefix_stripped']}` stripped"] if source["prefix_stripped"] else []
+    read = f" ({', '.join(how)})" if how else ""
+    return [f"Weights: `{source['file']}`{read}, sha256 `{source['sha256']}`.", ""]
+
+
 def _baselines_md(report: dict) -> list[str]:
     rows = baseline_rows(report)
     if not rows:
@@ -354,6 +377,7 @@ def markdown(report: dict) -> str:
         f"Checkpoint: `{f('checkpoint') or '-'}` (step {_fmt(f('steps'))}, "
         f"{_fmt(f('world_size'))} rank(s), global batch {_fmt(f('global_batch_size'))}).",
         "",
+        *_weights_md(report),
         *_baselines_md(report),
         "## Accuracy (top-1 on the validation shards)",
         "",

@@ -362,8 +362,11 @@ class Trainer:
         global_batch = cfg.train.batch_size * self.env.world_size
         # Steps trained by this process: a resumed run timed only those.
         trained = (self.step - (self.resumed_from_step or 0)) * global_batch
+        source = self.qat.weights_source
         return report_fields(
             model=cfg.model.name,
+            weights_source=dataclasses.asdict(source) if source else None,
+            training_only_ops=self.qat.training_only_ops,
             world_size=self.env.world_size,
             global_batch_size=global_batch,
             steps=self.step,

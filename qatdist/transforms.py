@@ -3,7 +3,8 @@
 The built-in train transform is RandomResizedCrop(data.image_size, data.crop_scale, TRAIN_RATIO)
 then a horizontal flip with probability data.hflip; the evaluation transform resizes the shorter
 side and centre-crops. Both normalise with data.mean / data.std. `data.transform` names a factory
-('package.module:function') that replaces the train transform; its contract is in docs/data.md:
+('package.module:function' or 'path/to/file.py:function') that replaces the train transform; its
+contract is in docs/data.md:
 `factory(cfg: DataConfig) -> fn(img: PIL.Image.Image, rng: numpy.random.Generator) -> ndarray`,
 with `rng` (seeded per sample by the loader) the only source of randomness, so that a resumed
 run stays bit-exact.
@@ -18,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from qatdist.config import ConfigError, DataConfig
-from qatdist.factories import load_factory
+from qatdist.factories import describe_error, load_factory
 
 TRAIN_RATIO = (4 / 5, 5 / 4)  # RandomResizedCrop aspect-ratio range of the built-in transform
 
@@ -135,7 +136,7 @@ def train_transform(cfg: DataConfig) -> TrainTransform:
         fn = factory(cfg)
     except Exception as e:  # the factory is user code: any failure is a bad setting
         raise ConfigError(
-            f"data.transform: factory {cfg.transform!r} raised {type(e).__name__}: {e}"
+            f"data.transform: factory {cfg.transform!r} raised {describe_error(e)}"
         ) from None
     if not callable(fn):
         raise ConfigError(
@@ -161,7 +162,7 @@ def check_transform(cfg: DataConfig) -> None:
             raise
         except Exception as e:  # user code: any failure is a bad setting
             raise ConfigError(
-                f"data.transform: {cfg.transform!r} raised {type(e).__name__}: {e} on a probe image"
+                f"data.transform: {cfg.transform!r} raised {describe_error(e)} on a probe image"
             ) from None
     if not np.array_equal(outputs[0], outputs[1], equal_nan=True):
         raise ConfigError(

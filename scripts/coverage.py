@@ -105,7 +105,7 @@ def build_fp32(name: str, image_size: int):
         return torchvision.models.get_model(
             name, weights=None, num_classes=NUM_CLASSES, image_size=image_size
         )
-    return build_model(ModelConfig(name=name), NUM_CLASSES)
+    return build_model(ModelConfig(name=name), NUM_CLASSES, image_size=image_size)
 
 
 def quantizable_layers(model) -> dict[str, int]:
@@ -560,7 +560,9 @@ def markdown(rows: list[dict], args: argparse.Namespace, machine: dict) -> str:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "factories", nargs="*", help="extra models: 'package.module:function' factories"
+        "factories",
+        nargs="*",
+        help="extra models: 'package.module:function' or 'path/to/file.py:function' factories",
     )
     parser.add_argument("--only", default="", help="comma-separated models to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated models listed as skipped")

@@ -72,7 +72,11 @@ def fp32_state(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, Pat
     resolved = RunFolder(run_dir).resolved_config
     try:
         # the run's own model.weights (if any) is not needed: the checkpoint holds every weight
-        model = build_model(dataclasses.replace(cfg.model, weights=""), cfg.data.num_classes)
+        model = build_model(
+            dataclasses.replace(cfg.model, weights=""),
+            cfg.data.num_classes,
+            image_size=cfg.data.image_size,
+        )
     except ConfigError as e:
         raise ExportError(f"{resolved}: {e}") from e
     try:

@@ -39,7 +39,9 @@ def run_dir(two_rank_run) -> Path:
 
 def check_written(out: Path, checkpoint: Path) -> None:
     """`out` loads strictly through model.weights and equals the checkpoint's fp32 entries."""
-    model = build_model(ModelConfig(name="resnet18", weights=str(out)), num_classes=10)
+    model = build_model(
+        ModelConfig(name="resnet18", weights=str(out)), num_classes=10, image_size=32
+    )
     written = torch.load(out, map_location="cpu", weights_only=True)
     prepared = read_model_state(checkpoint)
     assert set(written) == set(model.state_dict())

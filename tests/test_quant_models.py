@@ -141,6 +141,6 @@ def test_models_with_auxiliary_heads_train_on_one_output(name, size):
     from qatdist.config import ModelConfig
     from qatdist.models import build_model
 
-    model = build_model(ModelConfig(name=name), 10).train()
+    model = build_model(ModelConfig(name=name), 10, image_size=size).train()
     out = model(torch.randn(2, 3, size, size))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 10)

@@ -16,7 +16,7 @@ import torch
 
 from qatdist.config import ModelConfig, QuantConfig
 from qatdist.evaluate import preserved_rng
-from qatdist.models import build_model
+from qatdist.models import build_fp32
 from qatdist.quant import schedule
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.prepare import prepare_qat
@@ -24,6 +24,7 @@ from qatdist.quant.ptq import float_weights
 from qatdist.quant.schedule import QatPhase
 from qatdist.quant.sync import SyncStats, sync_quant_stats
 from qatdist.quant.training_only import TrainingOnlyBranchError, capture_for_qat, eager_mismatch
+from qatdist.weights import WeightsSource
 
 
 class QatModel:
@@ -31,7 +32,8 @@ class QatModel:
 
     `fp32_model` is the eager model as built (or loaded from `model.weights`), before capture;
     it shares no tensor with `prepared`, so training leaves it unchanged (a distillation
-    teacher, the latency baseline). `prepared` is the graph module that trains; `phase` is the
+    teacher, the latency baseline); `weights_source` says where its weights came from (None
+    without model.weights). `prepared` is the graph module that trains; `phase` is the
     QAT phase applied to it (fake quant, observer and BatchNorm freezes). It starts in train
     mode in `phase_at(0, quant_cfg)`.
     """
@@ -43,6 +45,7 @@ class QatModel:
         if any(t.data_ptr() in fp32_storage for t in prepared.state_dict().values() if t.numel()):
             raise ValueError("QatModel: the prepared model shares tensors with the fp32 model")
         self.fp32_model = fp32_model
+        self.weights_source: WeightsSource | None = None  # set by `build` from model.weights
         self.prepared = prepared
         self.quant_cfg = quant_cfg
         # Training-only random ops left out of the graph (`training_only.capture_for_qat`).
@@ -63,10 +66,12 @@ class QatModel:
         seed: int,
     ) -> QatModel:
         """Seed the torch RNG with `seed` (identical initial weights on every rank), build the
-        fp32 model (loading `model_cfg.weights` if set), capture and prepare it for QAT."""
+        fp32 model (loading `model_cfg.weights` if set, recorded in `weights_source`), capture
+        and prepare it for QAT."""
         torch.manual_seed(seed)
-        fp32_model = build_model(model_cfg, num_classes)
+        fp32_model, weights_source = build_fp32(model_cfg, num_classes, image_size=image_size)
         qat = cls.from_fp32(fp32_model, quant_cfg, image_size=image_size)
+        qat.weights_source = weights_source
         # Before any training: the eval graph must compute what the eager model does in eval().
         generator = torch.Generator().manual_seed(0)
         images = torch.randn(2, 3, image_size, image_size, generator=generator)
