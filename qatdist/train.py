@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as e:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
+    # torchrun's "Setting OMP_NUM_THREADS ... to be 1" warning is harmless: the placement sets
+    # this rank's torch threads itself (docs/monitoring.md lists every warning a run prints).
     placement = place_this_rank(cfg.runtime, env)
     init_process_group(env, cfg.runtime.timeout_s)
     trainer = None

@@ -31,6 +31,12 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
 
     Shapes are static: callers feed one batch size (padding the last batch) so the model is
     compiled once. Call the result under `torch.no_grad()`.
+
+    Compiling an int8 linear prints Inductor's own "To copy construct from a tensor ..."
+    UserWarning (torch/_inductor/mkldnn_lowerings.py, torch 2.14): its qlinear lowering turns
+    the int64 weight zero point of `convert_pt2e` into int32 with `torch.tensor(tensor)`, a
+    copy of a compile-time constant. Harmless: the values are the zero points (all 0, weights
+    are symmetric), and the copy does not take part in autograd.
     """
     torch._inductor.config.freezing = True
     return torch.compile(model, backend="inductor", dynamic=False)
