@@ -177,6 +177,11 @@ class TrainConfig:
         0.0, "Weight of the distillation loss from the frozen fp32 teacher (0: off)."
     )
     distill_temperature: float = _f(2.0, "Distillation softmax temperature.")
+    distill_teacher_weights: str = _f(
+        "",
+        "Weight file of the distillation teacher, the model.name architecture loaded as "
+        "model.weights is ('': the model as built, with model.weights, before any training).",
+    )
 
 
 @dataclass

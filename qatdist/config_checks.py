@@ -106,6 +106,19 @@ def _check_training(cfg: Config) -> None:
         0 <= t.distill_weight <= 1, "train.distill_weight", "a number in [0, 1]", t.distill_weight
     )
     _require(t.distill_temperature > 0, "train.distill_temperature", "> 0", t.distill_temperature)
+    if t.distill_teacher_weights:
+        _require(
+            t.distill_weight > 0,
+            "train.distill_teacher_weights",
+            "to be used with train.distill_weight > 0 (distillation is off)",
+            t.distill_teacher_weights,
+        )
+        _require(
+            Path(t.distill_teacher_weights).is_file(),
+            "train.distill_teacher_weights",
+            "an existing weight file",
+            t.distill_teacher_weights,
+        )
     _require(o.name in ("sgd", "adamw"), "optim.name", "'sgd' or 'adamw'", o.name)
     _require(0 <= o.momentum < 1, "optim.momentum", "a number in [0, 1)", o.momentum)
     _require(o.weight_decay >= 0, "optim.weight_decay", "a number >= 0", o.weight_decay)

@@ -55,6 +55,12 @@ _KEYS = [
     ("skipped_nonfinite_steps", "int", "optimizer steps skipped for a non-finite loss/grad"),
     ("rank_skipped_nonfinite_steps", "list[int]", "skipped_nonfinite_steps as each rank counted"),
     ("teacher_seconds_total", "float", "time spent in the distillation teacher's forward"),
+    (
+        "teacher_weights_source",
+        "dict | None",
+        "train.distill_teacher_weights as loaded, the same fields as weights_source; null: the "
+        "teacher is the model as built (or no distillation)",
+    ),
     ("eval_history", "list[dict]", "every evaluation during training, in step order"),
     # Accuracy: baselines and the int8 model (top-1 in [0, 1] on the validation shards)
     ("start_fp32_top1", "float", "the model of `model.weights` as given, before any step"),

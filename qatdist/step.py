@@ -3,11 +3,34 @@ term from a frozen fp32 teacher."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from qatdist.config import Config
+from qatdist.models import build_fp32
+from qatdist.weights import WeightsSource, load_weights
+
+
+def build_teacher(
+    cfg: Config, fp32_model: torch.nn.Module
+) -> tuple[torch.nn.Module, WeightsSource | None]:
+    """The distillation teacher and where its weights came from: `fp32_model` (the model as
+    built, with model.weights; None) or, with train.distill_teacher_weights, the model.name
+    architecture with those weights, e.g. an fp32 fine-tuning of the model on the same data: a
+    teacher that already knows the data rather than the student's own starting point."""
+    path = cfg.train.distill_teacher_weights
+    if not path:
+        return fp32_model, None
+    teacher, _ = build_fp32(
+        dataclasses.replace(cfg.model, weights=""),
+        cfg.data.num_classes,
+        image_size=cfg.data.image_size,
+    )
+    return teacher, load_weights(teacher, path, "train.distill_teacher_weights")
 
 
 class Distillation:

@@ -39,7 +39,7 @@ from qatdist.optim import build_optimizer, build_scheduler
 from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
 from qatdist.report import report_fields
 from qatdist.runfolder import RunFolder
-from qatdist.step import Distillation, train_step
+from qatdist.step import Distillation, build_teacher, train_step
 
 
 class Trainer:
@@ -80,13 +80,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.qat.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps)
-        self.distillation = (
-            Distillation(
-                self.qat.fp32_model, cfg.train.distill_weight, cfg.train.distill_temperature
+        self.distillation, self.teacher_source = None, None
+        if cfg.train.distill_weight > 0:
+            teacher, self.teacher_source = build_teacher(cfg, self.qat.fp32_model)
+            self.distillation = Distillation(
+                teacher, cfg.train.distill_weight, cfg.train.distill_temperature
             )
-            if cfg.train.distill_weight > 0
-            else None
-        )
         self.baselines = Baselines(
             cfg, env, lambda: self._val_batches(cfg.runtime.latency_batch_size)
         )
@@ -386,6 +385,9 @@ class Trainer:
             skipped_nonfinite_steps=nonfinite[0],
             rank_skipped_nonfinite_steps=nonfinite,
             teacher_seconds_total=self.distillation.seconds if self.distillation else 0.0,
+            teacher_weights_source=(
+                dataclasses.asdict(self.teacher_source) if self.teacher_source else None
+            ),
             eval_history=self.history,
             cpu_int8_capabilities=self.cpu_int8_capabilities or {},
             torch_version=torch.__version__,

@@ -45,14 +45,15 @@ class _Candidate:
     state: Mapping
 
 
-def load_weights(model: torch.nn.Module, path: str) -> WeightsSource:
+def load_weights(model: torch.nn.Module, path: str, key: str = "model.weights") -> WeightsSource:
     """Load the weight file `path` (torch.save'd or `.safetensors`) into `model` strictly and log
-    in one line how. Returns where the weights came from. ConfigError naming model.weights when
-    the file cannot be read or holds no state dict that fits `model` exactly."""
-    content = _read(path)
+    in one line how. Returns where the weights came from. ConfigError naming `key` (the config key
+    that gave `path`) when the file cannot be read or holds no state dict that fits `model`
+    exactly."""
+    content = _read(path, key)
     if not isinstance(content, Mapping):
         raise ConfigError(
-            f"model.weights: {path} holds a {type(content).__name__}, not a state dict "
+            f"{key}: {path} holds a {type(content).__name__}, not a state dict "
             "(save `model.state_dict()` rather than the model)"
         )
     expected = model.state_dict()
@@ -61,11 +62,11 @@ def load_weights(model: torch.nn.Module, path: str) -> WeightsSource:
     best = max(candidates, key=lambda c: len(expected.keys() & c.state.keys()))
     if not expected.keys() & best.state.keys():
         raise ConfigError(
-            f"model.weights: {path} holds no state dict of this {type(model).__name__} model "
+            f"{key}: {path} holds no state dict of this {type(model).__name__} model "
             f"at the top level or under {', '.join(map(repr, NESTING_KEYS))}; "
             f"{_top_level(content)}"
         )
-    _load_strictly(model, best, path, content)
+    _load_strictly(model, best, path, content, key)
     source = WeightsSource(
         file=str(Path(path).resolve()),
         sha256=_sha256(Path(path)),
@@ -73,7 +74,8 @@ def load_weights(model: torch.nn.Module, path: str) -> WeightsSource:
         prefix_stripped=best.prefix,
     )
     log.info(
-        "model.weights: loaded %d entries from %s (sha256 %s), %s, %s",
+        "%s: loaded %d entries from %s (sha256 %s), %s, %s",
+        key,
         len(best.state),
         source.file,
         source.sha256[:12],
@@ -83,7 +85,7 @@ def load_weights(model: torch.nn.Module, path: str) -> WeightsSource:
     return source
 
 
-def _read(path: str) -> object:
+def _read(path: str, key: str) -> object:
     try:
         if str(path).endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -95,13 +97,13 @@ def _read(path: str) -> object:
         # only its line naming what was refused
         refused = [line for line in str(e).splitlines() if "WeightsUnpickler error" in line]
         raise ConfigError(
-            f"model.weights: cannot read {path}: it holds pickled objects other than tensors "
+            f"{key}: cannot read {path}: it holds pickled objects other than tensors "
             "and plain values (a whole model?); save `model.state_dict()` instead"
             + (f" ({refused[0].strip().split('. ')[0]})" if refused else "")
         ) from None
     except Exception as e:  # a bad file must name itself, whatever the reader raised
         raise ConfigError(
-            f"model.weights: cannot read {path}: {type(e).__name__}: {_first_line(e)}"
+            f"{key}: cannot read {path}: {type(e).__name__}: {_first_line(e)}"
         ) from None
 
 
@@ -152,7 +154,9 @@ def _without_prefix(state: Mapping, prefix: str) -> OrderedDict:
     return out
 
 
-def _load_strictly(model: torch.nn.Module, chosen: _Candidate, path: str, content) -> None:
+def _load_strictly(
+    model: torch.nn.Module, chosen: _Candidate, path: str, content, key: str
+) -> None:
     own = model.state_dict()
     reshaped = {
         k: f"{k} (file {tuple(v.shape)}, model {tuple(own[k].shape)})"
@@ -173,7 +177,7 @@ def _load_strictly(model: torch.nn.Module, chosen: _Candidate, path: str, conten
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # e.g. a value that is not a tensor
         last_line = (str(e).strip().splitlines() or [""])[-1].strip()
-        raise ConfigError(f"model.weights: cannot load {path}: {last_line}") from None
+        raise ConfigError(f"{key}: cannot load {path}: {last_line}") from None
     missing = [k for k in result.missing_keys if k not in reshaped]
     unexpected = list(result.unexpected_keys)
     if not (reshaped or missing or unexpected):
@@ -191,7 +195,7 @@ def _load_strictly(model: torch.nn.Module, chosen: _Candidate, path: str, conten
         if names
     ]
     raise ConfigError(
-        f"model.weights: {path} does not fit this {type(model).__name__} model; "
+        f"{key}: {path} does not fit this {type(model).__name__} model; "
         f"{_top_level(content)}; best match: the state dict {read} ({len(chosen.state)} entries, "
         f"the model has {len(own)}): {'; '.join(problems)}"
     )

@@ -74,6 +74,14 @@ def test_cli_values_follow_the_key_type(tmp_path, shards):
         ({"quant": {"fp32_module_names": "fc"}}, "quant.fp32_module_names"),
         ({"data": {"train_shards": "/nonexistent/shard-{0..3}.tar"}}, "data.train_shards"),
         ({"data": {"train_shards": "pipe:curl x"}}, "data.train_shards"),
+        (
+            {"train": {"distill_teacher_weights": "/nonexistent/t.pt", "distill_weight": 0.5}},
+            "train.distill_teacher_weights: expected an existing weight file",
+        ),
+        (
+            {"train": {"distill_teacher_weights": __file__}},
+            "train.distill_teacher_weights: expected to be used with train.distill_weight > 0",
+        ),
     ],
 )
 def test_rejections_name_the_key(tmp_path, shards, overrides, message):

@@ -5,8 +5,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 
-from qatdist.step import Distillation, train_step
+from qatdist import config
+from qatdist.config import ConfigError
+from qatdist.step import Distillation, build_teacher, train_step
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -77,3 +80,35 @@ def test_refused_update_skips_the_optimizer_but_advances_the_schedule():
 def test_distillation_weight_out_of_range_is_refused(weight):
     with pytest.raises(ValueError, match="train.distill_weight"):
         Distillation(_net(1), weight=weight, temperature=2.0)
+
+
+def _teacher_config(**train) -> config.Config:
+    cfg = config.Config()
+    cfg.model.name, cfg.data.num_classes, cfg.data.image_size = "resnet18", 10, 32
+    cfg.train.distill_weight = 0.5
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_teacher_is_the_starting_model_unless_teacher_weights_are_given(tmp_path):
+    student = torch.nn.Linear(2, 2)
+    assert build_teacher(_teacher_config(), student) == (student, None)
+
+    torch.manual_seed(5)
+    trained = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path / "teacher.pt"
+    # a DDP-style checkpoint: the same layouts as model.weights are read
+    torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, path)
+    teacher, source = build_teacher(_teacher_config(distill_teacher_weights=str(path)), student)
+    assert teacher is not student
+    for name, value in trained.state_dict().items():
+        assert torch.equal(teacher.state_dict()[name], value), name
+    assert (source.nesting_key, source.prefix_stripped) == ("state_dict", "module.")
+
+
+def test_teacher_weights_of_another_architecture_name_the_key(tmp_path):
+    path = tmp_path / "teacher.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+    with pytest.raises(ConfigError, match="^train.distill_teacher_weights: "):
+        build_teacher(_teacher_config(distill_teacher_weights=str(path)), torch.nn.Linear(2, 2))
