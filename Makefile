@@ -11,7 +11,10 @@ ARGS ?=
 
 install: $(STAMP)
 
+# tests/test_multihost.py needs `ip netns` (CI: a fresh Debian machine, as root); it skips without.
 $(STAMP): pyproject.toml
+	@if ! command -v ip >/dev/null && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq iproute2; fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)

@@ -43,8 +43,15 @@ def env_from_torchrun() -> DistEnv:
 
 def init_process_group(env: DistEnv, timeout_s: int) -> None:
     """Start the gloo group. Under torchrun the store is the agent's TCPStore, namespaced by the
-    restart attempt: a restarted worker otherwise can find the previous attempt's addresses in the
-    store and fail in connectFullMesh (measured: 2 of 6 restarts on torch 2.14.1)."""
+    attempt: a restarted worker otherwise can find the previous attempt's addresses in the store
+    and fail in connectFullMesh (measured: 2 of 6 restarts on torch 2.14.1).
+
+    The attempt is how many times this rank has started in this store, not torchrun's
+    TORCHELASTIC_RESTART_COUNT: that count is per agent, and an agent whose workers are
+    restarted because another host's failed does not count it (measured across two hosts:
+    host 0 at attempt 0, host 1 at attempt 1, rank 1 waiting for rank 0's key until the store
+    timeout). Every rank starts once per attempt, so the counts agree unless a worker died
+    before reaching this point while others passed it."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if "MASTER_ADDR" not in os.environ:
         store = dist.HashStore()
@@ -59,7 +66,8 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
         timeout=timeout,
         wait_for_workers=False,
     )
-    store = dist.PrefixStore(f"qatdist/attempt-{env.restart_count}", base_store)
+    attempt = base_store.add(f"qatdist/starts/rank-{env.rank}", 1)
+    store = dist.PrefixStore(f"qatdist/attempt-{attempt}", base_store)
     dist.init_process_group(
         "gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
     )

@@ -39,11 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     from qatdist.guards import NonFiniteError
     from qatdist.monitor import setup_logging
     from qatdist.runfolder import RunFolder
-    from qatdist.topology import place_this_rank
+    from qatdist.topology import RouteError, gloo_network, place_this_rank
     from qatdist.trainer import Trainer
 
     env = env_from_torchrun()
     setup_logging(env.rank)
+    try:
+        network = gloo_network()  # a wrong GLOO_SOCKET_IFNAME stops here, naming it
+    except RouteError as e:
+        print(f"qatdist.train: {e}", file=sys.stderr)
+        return 2
+    _log_network(env, network)
     try:
         demo.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer
         data.check_shards(cfg.data, env.world_size)
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(env, cfg.runtime.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, env, placement)
+        trainer = Trainer(cfg, env, placement, network)
         trainer.train()
         trainer.finish()
     except config.ConfigError as e:
@@ -91,6 +97,25 @@ def main(argv: list[str] | None = None) -> int:
         trainer = None
         shutdown()
     return 0
+
+
+def _log_network(env, network: dict) -> None:
+    """One line per rank, on every rank (the others log only warnings): where its gloo
+    connections go from. A multi-host job bound to loopback cannot connect across hosts."""
+    print(
+        f"[rank{env.rank}] network: gloo interface {network['interface']} address "
+        f"{network['address']} (from {network['source']}), MASTER_ADDR {network['master_addr']}",
+        file=sys.stderr,
+        flush=True,
+    )
+    address = network["address"]
+    if env.world_size > env.local_world_size and (address is None or address.startswith("127.")):
+        logging.getLogger("qatdist").warning(
+            "gloo binds to %s (from %s) in a job spanning several hosts: ranks on other hosts "
+            "cannot connect to it; set GLOO_SOCKET_IFNAME (launch/multinode.sh does)",
+            address,
+            network["source"],
+        )
 
 
 def _own_message(error: Exception) -> str:

@@ -45,10 +45,17 @@ from qatdist.step import Distillation, build_teacher, train_step
 class Trainer:
     """Distributed PT2E QAT of one model. `train()` runs the schedule, `finish()` the end."""
 
-    def __init__(self, cfg: Config, env: DistEnv, placement: topology.AppliedPlacement):
+    def __init__(
+        self,
+        cfg: Config,
+        env: DistEnv,
+        placement: topology.AppliedPlacement,
+        network: dict,
+    ):
         self.cfg, self.env = cfg, env
         self.run = RunFolder(cfg.run.out_dir)
         self.placement = placement
+        self.network = network  # topology.gloo_network(): what this rank's gloo binds to
         self.loader_cpus = placement.placement.loader_cpus if placement.pinning else None
         # CPU preflight: recorded in topology.json; rank 0 warns when int8 has no fast path.
         self.cpu_int8_capabilities = topology.cpu_int8_preflight() if env.is_rank0 else None
@@ -194,6 +201,7 @@ class Trainer:
 
     def _write_topology(self) -> None:
         record = {"global_rank": self.env.rank, **self.placement.to_dict()}
+        record["network"] = self.network
         if self.cpu_int8_capabilities is not None:
             record["cpu_int8_capabilities"] = self.cpu_int8_capabilities
         records = all_gather_object(record)

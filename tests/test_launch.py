@@ -81,3 +81,69 @@ def test_two_nodes_via_c10d_rendezvous(tiny_shards, tmp_path):
     # (the first after the last step) brings them back together exactly.
     assert report["observer_sync_max_divergence_before"] > 0
     assert report["observer_sync_max_divergence_after"] == 0
+
+
+def _multinode(extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+    """launch/multinode.sh with `extra_env`, this interpreter's torchrun first on PATH; only
+    runs that stop before torchrun starts (the checks below)."""
+    env = {k: v for k, v in os.environ.items() if k != "GLOO_SOCKET_IFNAME"}
+    env.update(PATH=f"{os.path.dirname(sys.executable)}:{env['PATH']}", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        ["bash", str(ROOT / "launch" / "multinode.sh")],
+        cwd=ROOT,
+        env={**env, "NNODES": "2", **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=120,  # each stops in seconds; this only guards against a hang
+    )
+
+
+def test_multinode_refuses_a_missing_gloo_interface_naming_it():
+    out = _multinode(
+        {
+            "NODE_RANK": "0",
+            "RDZV_ENDPOINT": f"127.0.0.1:{_free_port()}",
+            "GLOO_SOCKET_IFNAME": "nosuch0",
+        }
+    )
+    assert out.returncode == 2, out.stderr
+    assert "GLOO_SOCKET_IFNAME='nosuch0': 'nosuch0' (no such interface)" in out.stderr
+
+
+def test_multinode_refuses_a_loopback_endpoint_for_several_hosts():
+    out = _multinode({"NODE_RANK": "0", "RDZV_ENDPOINT": f"localhost:{_free_port()}"})
+    assert out.returncode == 2, out.stderr
+    assert "loopback address the other hosts cannot reach" in out.stderr
+    assert "cannot choose this host's address for RDZV_ENDPOINT=localhost:" in out.stderr
+
+
+def test_multinode_names_an_unreachable_store_promptly():
+    endpoint = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    out = _multinode(
+        {
+            "NODE_RANK": "1",
+            "RDZV_ENDPOINT": endpoint,
+            "RDZV_IS_HOST": "0",
+            "LOCAL_ADDR": "127.0.0.1",
+            "GLOO_SOCKET_IFNAME": "lo",
+            "RDZV_WAIT_S": "1",
+        }
+    )
+    assert out.returncode == 2, out.stderr
+    assert f"cannot connect to the rendezvous store at {endpoint} after 1 s" in out.stderr
+    assert "RendezvousConnectionError" not in out.stderr  # torchrun never started
+
+
+def test_worker_refuses_a_missing_gloo_interface_naming_it(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "nosuch0"}
+    out = subprocess.run(
+        [sys.executable, "-m", "qatdist.train", f"--run.out_dir={tmp_path / 'run'}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "GLOO_SOCKET_IFNAME='nosuch0'" in out.stderr
+    assert not (tmp_path / "run").exists()

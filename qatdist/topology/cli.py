@@ -1,14 +1,26 @@
-"""`python -m qatdist.topology`: print the placement plan of this machine (or a sysfs copy)."""
+"""`python -m qatdist.topology`: print the placement plan of this machine (or a sysfs copy), or
+the local address and interface that reach another host (for launch/multinode.sh)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import warnings
 
 from qatdist.topology.discover import discover, parse_cpulist
 from qatdist.topology.plan import plan
+from qatdist.topology.route import (
+    GLOO_IFNAME_VAR,
+    RouteError,
+    check_gloo_ifname,
+    describe_interfaces,
+    interfaces,
+    route_to,
+    split_endpoint,
+    wait_for_listener,
+)
 
 
 def _cpulist_arg(text: str) -> list[int]:
@@ -69,6 +81,41 @@ def _parser() -> argparse.ArgumentParser:
         help="Print only the number of NUMA nodes that have allowed CPUs (launch/local.sh's "
         "default rank count) and exit.",
     )
+    mode.add_argument(
+        "--route-to",
+        metavar="HOST",
+        help="Print 'ADDRESS INTERFACE IS_LOCAL' for HOST (a name or address): the local "
+        "address and interface the kernel routes to it, and 1 if HOST is this machine (one of "
+        "its addresses, or loopback), else 0. Exit status 2, listing the interfaces, when HOST "
+        "does not resolve or nothing routes to it.",
+    )
+    mode.add_argument(
+        "--check-gloo-ifname",
+        action="store_true",
+        help=f"Check that every interface named in ${GLOO_IFNAME_VAR} (comma-separated) exists "
+        "and has an address; print them, or exit status 2 listing the interfaces. Unset: "
+        "prints nothing.",
+    )
+    mode.add_argument(
+        "--wait-for",
+        metavar="HOST:PORT",
+        help="Wait until a TCP connect to HOST:PORT succeeds (retrying for --wait-s seconds), "
+        "then exit 0; exit status 2 naming the address otherwise. launch/multinode.sh checks "
+        "the rendezvous store with it.",
+    )
+    p.add_argument(
+        "--wait-s",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="With --wait-for: how long to keep retrying (default 30).",
+    )
+    p.add_argument(
+        "--other-hosts",
+        action="store_true",
+        help="With --route-to: the address is for other hosts to connect to, so a loopback "
+        "route (HOST resolves to 127.x or ::1 here) is an error.",
+    )
     p.add_argument(
         "--use-smt",
         action="store_true",
@@ -104,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     """Print the plan (or the node count) for `argv`; exit status 2 with a message on bad input."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.route_to is not None or args.check_gloo_ifname or args.wait_for is not None:
+        return _network(args)
     warnings.formatwarning = lambda message, *a, **k: f"warning: {message}\n"
     if args.sysfs_root is None:
         topo = discover()
@@ -129,4 +178,31 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     # One rank per line: valid JSON that stays readable with a hundred CPUs per rank.
     print("[\n" + ",\n".join(json.dumps(p.to_dict()) for p in placements) + "\n]")
+    return 0
+
+
+def _network(args: argparse.Namespace) -> int:
+    """--route-to / --check-gloo-ifname / --wait-for: one line on stdout (none for
+    --wait-for), or the error on stderr and status 2."""
+    prog = "python -m qatdist.topology"
+    try:
+        if args.wait_for is not None:
+            host, port = split_endpoint(args.wait_for)
+            wait_for_listener(host, port, args.wait_s, what="the rendezvous store")
+            return 0
+        if args.check_gloo_ifname:
+            print(" ".join(check_gloo_ifname(os.environ.get(GLOO_IFNAME_VAR))))
+            return 0
+        route = route_to(args.route_to)
+        if args.other_hosts and route.is_loopback:
+            raise RouteError(
+                f"{args.route_to!r} resolves to {route.host_address} on this machine, a loopback "
+                "address the other hosts cannot reach: name the host by an address of its "
+                f"cluster interface instead; this machine's interfaces:\n"
+                f"{describe_interfaces(interfaces())}"
+            )
+    except RouteError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(route.address, route.interface, int(route.is_local))
     return 0
