@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,14 +26,18 @@ def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
-def run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, timeout: int = 600, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (not from the repository root: qatdist only importable
-    through the installed package, which the code below must not import)."""
+    through the installed package, which the code below must not import), with `env_extra`
+    added to the environment."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=os.environ | (env_extra or {}),
     )
 
 
@@ -172,6 +177,47 @@ def test_pt2_loads_in_fresh_process_at_batch_1_and_7(export):
     assert shapes == "(1, 10) (7, 10)"
     assert float(diff) < 1e-4  # the saved program is the converted model
     assert imported == "False"
+
+
+def test_loaded_pt2_compiles_to_int8_kernels_only_through_load_int8(export, tmp_path):
+    """A fresh process: `torch.export.load` after a plain `import torch, torchao` compiles the
+    program to fp32 convolutions (torchao registers Inductor's int8 lowering only when its x86
+    quantizer module is imported), `qatdist.quant.load_int8` to int8 kernels. The kernels are
+    counted in Inductor's generated code; the caches are off so neither compile reuses the
+    other's (or an earlier run's) code."""
+    from qatdist.quant.inspect import count_quantized_ops
+
+    path = str(export["out"] / "model_int8.pt2")
+    result = run_python(
+        f"""
+        import sys
+        import torch, torchao
+        from torch._inductor.utils import run_and_get_code
+
+        torch._inductor.config.freezing = True
+        x = torch.randn(2, 3, 32, 32)
+
+        def write_code(program, name):
+            with torch.no_grad():
+                _, codes = run_and_get_code(torch.compile(program.module()), x)
+            open(f"{tmp_path}/{{name}}.py", "w").write("\\n".join(codes))
+
+        quantizer = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
+        print(quantizer in sys.modules)
+        write_code(torch.export.load({path!r}), "plain")
+        torch._dynamo.reset()
+        from qatdist.quant import load_int8
+        write_code(load_int8({path!r}), "loaded")
+        """,
+        env_extra={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"  # plain load: lowering not there
+    plain = (tmp_path / "plain.py").read_text()
+    assert count_quantized_ops(plain) == {"conv": 0, "linear": 0}  # fp32 convolutions
+    assert "mkldnn" in plain or "convolution" in plain
+    loaded = count_quantized_ops((tmp_path / "loaded.py").read_text())
+    assert loaded == {"conv": 20, "linear": 1}  # every resnet18 conv and the linear
 
 
 def test_report_md_and_latency_png(export):
