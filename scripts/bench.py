@@ -111,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"Models: {','.join(INT8_MODELS)} (--quick: resnet18, fewer iterations).",
     )
     parser.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="With --peers: also time qatdist's int8 compiled with Inductor's cpp_wrapper (a "
+        "lever for small batches; not counted in int8_vs_best_peer; longer compiles).",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
         help="Also write the figures to PATH as JSON (keys: " + ", ".join(JSON_KEYS) + "; "
@@ -299,12 +305,25 @@ _STACK_LABELS = {
     "ort_int8": "ORT int8",
     "inductor_fp32": "Inductor fp32",
     "openvino_fp32": "OpenVINO fp32",
+    "qatdist_int8_cpp_wrapper": "qatdist int8 cpp_wrapper",
 }
+
+
+_STACK_LABELS_ALWAYS = (
+    "qatdist_int8",
+    "openvino_int8",
+    "ort_int8",
+    "inductor_fp32",
+    "openvino_fp32",
+)
 
 
 def peers_table(results: dict) -> str:
     """Markdown: one row per model and batch, latency (ms) per stack, int8_vs_best_peer."""
-    stacks = list(_STACK_LABELS)
+    present = {
+        s for latency in results["peer_latency_ms"].values() for ms in latency.values() for s in ms
+    }
+    stacks = [s for s in _STACK_LABELS if s in present or s in _STACK_LABELS_ALWAYS]
     lines = [
         "| model | batch | "
         + " | ".join(_STACK_LABELS[s] for s in stacks)
@@ -325,7 +344,7 @@ def peers_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_peers(models: list[str], threads: int, quick: bool) -> dict:
+def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = False) -> dict:
     """The --peers comparison, model after model; prints each as it completes. Returns the
     PEER_JSON_KEYS dict (batch sizes as string keys, as JSON has them)."""
     from benchmarks import peers
@@ -340,7 +359,11 @@ def run_peers(models: list[str], threads: int, quick: bool) -> dict:
     for name in models:
         _section(f"{name}: latency (ms, interleaved medians), 224x224, {threads} threads")
         r = peers.peer_latency(
-            name, batch_sizes=PEER_BATCH_SIZES, threads=threads, rounds=3 if quick else 10
+            name,
+            batch_sizes=PEER_BATCH_SIZES,
+            threads=threads,
+            rounds=3 if quick else 10,
+            stacks=peers.STACKS + (peers.LEVERS if cpp_wrapper else ()),
         )
         rows += r["rows"]
         results["peer_latency_ms"][name] = {str(row["batch_size"]): row["ms"] for row in r["rows"]}
@@ -350,10 +373,12 @@ def run_peers(models: list[str], threads: int, quick: bool) -> dict:
         results["peer_agreement"][name] = r["agreement"]
         results["peer_skipped"][name] = r["skipped"]
         for stack, a in r["agreement"].items():
+            kernels = a.get("int8_kernels")
             print(
                 f"  {stack}: relative logit error vs eager fp32 {a['rel_error']:.2e} "
                 f"(bound {a['bound']}: {'ok' if a['ok'] else 'NOT ok'}), top-1 agreement "
                 f"{a['top1_agreement']:.2f} (not judged: random-init logits are near ties)"
+                + (f"; int8 conv/linear kernels {kernels[0]} of {kernels[1]}" if kernels else "")
             )
         for stack, reason in r["skipped"].items():
             print(f"  {stack}: could not run: {reason}")
@@ -375,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         print("bench.py: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.cpp_wrapper and not args.peers:
+        print("bench.py: --cpp-wrapper is a --peers option", file=sys.stderr)
         return 2
     plan = make_plan(args)
     known = set(torchvision.models.list_models(module=torchvision.models))
@@ -398,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     if args.peers:
-        results = run_peers(plan.int8_models, args.threads, args.quick)
+        results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
         geomean = results["int8_vs_best_peer_geomean"]
         print("\n## Summary (latency ms; int8_vs_best_peer < 1: qatdist's int8 is faster)\n")
         print(peers_table(results))
