@@ -15,6 +15,9 @@ the tests call the functions here with tiny settings.
 - `data_wait`: `data_wait_fraction` (time blocked on the loader, trainer placement).
 - `hand_flow`: `final_model_vs_hand_flow` and `same_weights_int8_pair` (the plain PT2E recipe).
 - `machine`: `machine_info` (CPU, ISA flags, versions, load) printed beside the figures.
+- `peers`: `peer_latency`, qatdist's int8 against OpenVINO + NNCF and ONNX Runtime int8 (and
+  Inductor / OpenVINO fp32), run by `scripts/bench.py --peers`; the peers are optional packages
+  and imported only there.
 - `dynamic_activations`: static vs dynamic activation int8 of one model (a measurement behind
   docs/coverage.md, run as `python -m benchmarks.dynamic_activations`; not a target figure).
 """

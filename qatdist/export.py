@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tomllib
 
-from qatdist import config, data
+from qatdist import config, data, openvino_ir
 from qatdist.accuracy_control import with_fp32_layers
 from qatdist.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
 from qatdist.evaluate import count_correct
@@ -125,11 +125,16 @@ def export_run(
     out_dir: Path | None = None,
     batch_sizes: list[int],
     latency_iters: int | None = None,
+    formats: tuple[str, ...] | list[str] = ("pt2", "aoti"),
 ) -> dict:
     """Export `checkpoint` (default: the newest intact one) of the run in `run_dir` into
     `out_dir` (default `<run_dir>/final`); `latency_iters` defaults to the run's
-    `runtime.latency_iters`. Returns the report. Raises ExportError before writing anything
-    when the run directory, its config, its data or the checkpoint are missing or corrupt."""
+    `runtime.latency_iters`. `formats`: "pt2" (model_int8.pt2, always written), "aoti" (the
+    AOTInductor package), "openvino" (the OpenVINO IR, `qatdist.openvino_ir`). Returns the
+    report. Raises ExportError before writing anything when the run directory, its config, its
+    data or the checkpoint are missing or corrupt, or a format's package is not installed."""
+    if "openvino" in formats and (why := openvino_ir.missing()):
+        raise ExportError(f"{why}; nothing was written")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else RunFolder(run_dir).final
     if out_dir.exists() and not out_dir.is_dir():
@@ -164,6 +169,7 @@ def export_run(
             "checkpoint": str(run.checkpoint),
             "run_dir": str(run_dir),
             "produced_by": "scripts/export_final.py",
+            "formats": ["pt2", *(f for f in ("aoti", "openvino") if f in formats)],
             "fp32_fake_quant_top1": correct / seen if seen else 0.0,
             "fp32_top1": fp32_correct / seen if seen else 0.0,
         }
@@ -179,6 +185,8 @@ def export_run(
                 report=report,
                 require_full_quantization=cfg.runtime.require_full_quantization,
                 eval_mismatch=qat.eval_mismatch,
+                aoti="aoti" in formats,
+                openvino="openvino" in formats,
             )
         except (config.ConfigError, data.DataError) as e:  # shards gone or damaged meanwhile
             raise ExportError(f"validation data: {e}; nothing was written to {out_dir}") from e

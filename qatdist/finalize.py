@@ -3,8 +3,12 @@
 One implementation for the trainer's last step (rank 0, `Trainer.finish`) and for
 `scripts/export_final.py` (`qatdist.export`). Files written into `out_dir`:
 
-    model_int8.pt2        the converted model, `torch.export.save`, dynamic batch dimension
+    model_int8.pt2        the converted model, `torch.export.save`, dynamic batch dimension;
+                          load it with `qatdist.quant.load_int8` so a compile uses int8 kernels
     model_int8_aoti.pt2   AOTInductor package built with freezing (when `aoti=True`)
+    model_int8_openvino.xml, .bin
+                          OpenVINO IR of the same prepared model (when `openvino=True`;
+                          `qatdist.openvino_ir`), checked to run int8 kernels
     reference_io.pt       an input batch and the converted model's logits for it
     val_reference.pt      the first validation samples: images, labels, converted model's logits
     report.json, report.md, latency.png
@@ -33,6 +37,7 @@ import torchvision
 from torch._inductor.utils import run_and_get_code
 from torch.export import Dim
 
+from qatdist import openvino_ir
 from qatdist import report as reports
 from qatdist.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
 from qatdist.quant import inspect as quant_inspect
@@ -44,6 +49,8 @@ log = logging.getLogger(__name__)
 ARTIFACTS = (
     "model_int8.pt2",
     "model_int8_aoti.pt2",
+    openvino_ir.XML,
+    openvino_ir.BIN,
     "reference_io.pt",
     "val_reference.pt",
     "report.json",
@@ -88,8 +95,8 @@ def export_int8(
     int8_model: torch.nn.Module, example: torch.Tensor, path: Path
 ) -> torch.export.ExportedProgram:
     """Save the converted model with a dynamic batch dimension (`torch.export.save`) and return
-    the exported program; it loads with `torch.export.load` in any process that imports torchao
-    (which registers the quantized ops)."""
+    the exported program. Load it with `qatdist.quant.load_int8`: `torch.export.load` after a
+    plain `import torchao` runs it, but compiles it to fp32 kernels."""
     batch = Dim("batch", min=1, max=65536)
     exported = torch.export.export(int8_model, (example,), dynamic_shapes=({0: batch},))
     torch.export.save(exported, str(path))
@@ -107,6 +114,26 @@ def build_aoti_package(exported: torch.export.ExportedProgram, path: Path) -> Pa
             exported, package_path=str(path), inductor_configs={"freezing": True}
         )
     return Path(built)
+
+
+def _openvino_artifact(
+    prepared: torch.nn.Module, example: torch.Tensor, stage: Path
+) -> tuple[Callable, dict]:
+    """Write the OpenVINO IR into `stage`, compile it (the process's torch thread count) and
+    check that its runtime model runs int8 kernels. Returns its forward and report fields."""
+    log.info("writing the OpenVINO IR (convert_pt2e without weight folding)")
+    start = time.perf_counter()
+    openvino_ir.export_ir(prepared, example, stage / openvino_ir.XML)
+    compiled = openvino_ir.compile_model(stage / openvino_ir.XML, torch.get_num_threads())
+    int8, total = openvino_ir.int8_kernels(compiled)
+    if int8 == 0:
+        raise FinalCheckFailed(
+            f"OpenVINO runs none of the IR's {total} convolution/linear layers as an int8 kernel: "
+            "the FakeQuantize nodes were not fused; nothing was written"
+        )
+    seconds = time.perf_counter() - start
+    fields = {"openvino_int8_kernels": [int8, total], "openvino_export_seconds": seconds}
+    return openvino_ir.forward(compiled), fields
 
 
 def layer_counts(model: torch.nn.Module) -> dict[str, int]:
@@ -290,8 +317,10 @@ def _latency_rows(
             row[f"{name}_ms"] = value
             row[f"{name}_images_per_s"] = b * 1000.0 / value
         row["int8_speedup"] = ms["fp32"] / ms["int8"]
-        if "int8_aoti" in ms:
-            row["int8_aoti_speedup"] = ms["fp32"] / ms["int8_aoti"]
+        for name in ("int8_aoti", "int8_openvino"):
+            if name in ms:
+                row[f"{name}_speedup"] = ms["fp32"] / ms[name]
+        row["fastest_int8"] = min((n for n in ms if n != "fp32"), key=ms.__getitem__)
         rows.append(row)
     return rows
 
@@ -381,6 +410,7 @@ def _write_views(stage: Path, full: dict, rows: list[dict], batch_sizes: list[in
             (f"fp32 {eager}", "fp32_ms"),
             (f"int8 {eager}", "int8_ms"),
             ("int8 AOTI", "int8_aoti_ms"),
+            ("int8 OpenVINO", "int8_openvino_ms"),
         )
         if key in rows[-1]
     }
@@ -398,6 +428,7 @@ def finalize(
     out_dir: Path,
     compile_model: bool = True,
     aoti: bool = True,
+    openvino: bool = False,
     report: dict | None = None,
     reference_samples: int = 256,
     require_full_quantization: bool = False,
@@ -410,7 +441,9 @@ def finalize(
     yields (images, labels, ...) batches of at most n validation samples. Accuracy is measured
     at the largest of `batch_sizes`, latency (`latency_iters` timed runs, interleaved) at each.
     With `compile_model=False` the eager models are measured and no AOTI package is built;
-    `aoti=False` skips only the AOTI package. `report` holds the caller's fields (model, steps,
+    `aoti=False` skips only the AOTI package. `openvino=True` also writes the OpenVINO IR
+    (`qatdist.openvino_ir`; FinalCheckFailed when its runtime model has no int8 kernel), measured
+    beside the others. `report` holds the caller's fields (model, steps,
     fp32_fake_quant_top1, fp32_top1, ptq_int8_top1, ...), merged into report.json with the
     derived ones (`qatdist.report.with_derived`). Returns the full report.
 
@@ -454,6 +487,11 @@ def finalize(
             aoti_s = time.perf_counter() - start
             quantized_ops["aoti"] = quant_inspect.count_quantized_ops(aoti_package_source(package))
             forwards["int8_aoti"] = torch._inductor.aoti_load_package(str(package))
+        if openvino:
+            forwards["int8_openvino"], ov_fields = _openvino_artifact(
+                prepared, examples[main_batch], stage
+            )
+            full |= ov_fields
         full |= coverage(prepared, int8_model, quantized_ops)
         _check_coverage(full, require_full_quantization)
 
@@ -468,6 +506,9 @@ def finalize(
         if aoti:
             full |= _agreement_fields("int8_aoti", measures, "int8_aoti")
             full |= {"int8_aoti_top1": measures["top1"]["int8_aoti"], "aoti_build_seconds": aoti_s}
+        if openvino:
+            full |= _agreement_fields("int8_openvino", measures, "int8_openvino")
+            full |= {"int8_openvino_top1": measures["top1"]["int8_openvino"]}
         full = _flag_slower_int8(reports.with_derived(full | machine_facts()))
         _write_views(stage, full, rows, batch_sizes)
     return full

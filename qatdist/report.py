@@ -89,6 +89,15 @@ _KEYS = [
     ("int8_aoti_agreement", "float | None", "as int8_compiled_agreement, for the AOTI package"),
     ("int8_aoti_comparable_samples", "int", "as int8_compiled_comparable_samples, for AOTI"),
     ("int8_aoti_max_abs_logit_diff", "float", "max |logit difference|, AOTI vs reference"),
+    ("int8_openvino_top1", "float", "int8 OpenVINO IR (export_final --formats openvino)"),
+    ("int8_openvino_agreement", "float | None", "as int8_compiled_agreement, for OpenVINO"),
+    ("int8_openvino_comparable_samples", "int", "as int8_compiled_comparable_samples, OpenVINO"),
+    ("int8_openvino_max_abs_logit_diff", "float", "max |logit difference|, OpenVINO vs reference"),
+    (
+        "openvino_int8_kernels",
+        "list[int]",
+        "[int8, all] convolution/fully-connected layers in OpenVINO's runtime model",
+    ),
     ("accuracy_budget", "float", "quant.max_accuracy_drop the run had to meet (-1 = off)"),
     ("accuracy_budget_met", "bool", "int8_drop_vs_fp32 <= accuracy_budget"),
     ("fp32_fallback_layers", "list[str]", "layers moved to fp32 to meet the accuracy budget"),
@@ -125,10 +134,17 @@ _KEYS = [
     ("int8_slower_causes", "list[str]", "checked likely causes when int8 is slower"),
     ("latency_batch_size", "int", "batch size of the single-batch latency fields (largest)"),
     ("latency_iters", "int", "timed iterations per model and batch size"),
-    ("latency", "list[dict]", "per batch size: <model>_ms, <model>_images_per_s, speedups"),
+    (
+        "latency",
+        "list[dict]",
+        "per batch size: <model>_ms, <model>_images_per_s, speedups, fastest_int8 (the int8 "
+        "artifact with the lowest latency: int8 compiled, int8_aoti or int8_openvino)",
+    ),
     ("compiled", "bool", "models compiled by Inductor (false: eager)"),
     ("compile_seconds", "float", "Inductor compile time of int8 and fp32"),
     ("aoti_build_seconds", "float", "AOTInductor package build time"),
+    ("openvino_export_seconds", "float", "OpenVINO IR convert, save and compile time"),
+    ("formats", "list[str]", "artifact formats written (export_final --formats)"),
     # Distributed state
     ("observer_sync_max_divergence_before", "float", "max relative qparam divergence pre-sync"),
     ("observer_sync_max_divergence_after", "float", "the same after the final sync (0 = equal)"),
@@ -261,7 +277,11 @@ def baseline_rows(report: dict) -> list[tuple[str, str]]:
 
 def _agreement_sentence(report: dict) -> str:
     parts = []
-    for label, prefix in (("compiled", "int8_compiled"), ("AOTI", "int8_aoti")):
+    for label, prefix in (
+        ("compiled", "int8_compiled"),
+        ("AOTI", "int8_aoti"),
+        ("OpenVINO", "int8_openvino"),
+    ):
         if field(report, f"{prefix}_max_abs_logit_diff") is None:
             continue
         parts.append(
@@ -373,6 +393,51 @@ def _budget_md(report: dict) -> list[str]:
     return lines
 
 
+_INT8_LABELS = {
+    "int8": "int8 compiled (Inductor)",
+    "int8_aoti": "int8 AOTI",
+    "int8_openvino": "int8 OpenVINO IR",
+}
+
+
+def _fastest_md(rows: list[dict]) -> list[str]:
+    """One line per batch size naming the fastest int8 artifact, when more than one was timed."""
+    lines = []
+    for row in rows:
+        timed = {n: row[f"{n}_ms"] for n in _INT8_LABELS if f"{n}_ms" in row}
+        if len(timed) < 2 or "fastest_int8" not in row:
+            continue
+        best = row["fastest_int8"]
+        others = ", ".join(
+            f"{_INT8_LABELS[n]} {ms / timed[best]:.2f}x its latency"
+            for n, ms in timed.items()
+            if n != best
+        )
+        lines.append(
+            f"- batch {row['batch_size']}: fastest on this CPU: {_INT8_LABELS[best]} "
+            f"({timed[best]:.3f} ms); {others}"
+        )
+    return ["", *lines] if lines else []
+
+
+# How to load what finalize writes, so that a compiled model gets the int8 kernels.
+LOADING_MD = [
+    "## Loading the artifacts",
+    "",
+    "- `model_int8.pt2`: `qatdist.quant.load_int8(path).module()`, then `torch.compile` with "
+    "`torch._inductor.config.freezing = True`. Without qatdist, `import "
+    "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer` before `torch.export.load`: "
+    "torchao registers Inductor's int8 lowering only there, and a compile after a plain "
+    "`import torchao` silently runs fp32 convolutions.",
+    "- `model_int8_aoti.pt2` (when written): `torch._inductor.aoti_load_package(path)`, in any "
+    "process with torch; the int8 kernels are already compiled in.",
+    "- `model_int8_openvino.xml` / `.bin` (when written): `openvino.Core().compile_model(path, "
+    "'CPU', {'INFERENCE_PRECISION_HINT': 'f32'})` (without the hint, a CPU with AVX512-BF16 "
+    "runs the layers between the int8 ones in bf16).",
+    "",
+]
+
+
 def markdown(report: dict) -> str:
     """`report.md`: baselines, accuracy, the accuracy budget and sensitivity table (when the
     run had one), latency/throughput per batch size, quantized op counts, machine."""
@@ -393,27 +458,35 @@ def markdown(report: dict) -> str:
         f"| int8 converted, eager reference | {_fmt(f('int8_reference_top1'))} |",
         f"| int8 compiled (Inductor, freezing) | {_fmt(f('int8_top1'))} |",
         f"| int8 AOTInductor package | {_fmt(f('int8_aoti_top1'))} |",
+        *(
+            [f"| int8 OpenVINO IR | {_fmt(f('int8_openvino_top1'))} |"]
+            if f("int8_openvino_top1") is not None
+            else []
+        ),
         "",
         _agreement_sentence(report),
         "",
         *_budget_md(report),
         "## Latency (median ms per batch) and throughput (images/s)",
         "",
-        "| batch | fp32 compiled ms | int8 compiled ms | int8 AOTI ms | int8 speedup "
-        "| fp32 img/s | int8 img/s | int8 AOTI img/s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| batch | fp32 compiled ms | int8 compiled ms | int8 AOTI ms | int8 OpenVINO ms "
+        "| int8 speedup | fp32 img/s | int8 img/s | int8 AOTI img/s | int8 OpenVINO img/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in f("latency") or []:
         lines.append(
             f"| {row['batch_size']} | {_fmt(row['fp32_ms'], 3)} | {_fmt(row['int8_ms'], 3)} "
-            f"| {_fmt(row.get('int8_aoti_ms'), 3)} | {_fmt(row['int8_speedup'], 2)} "
+            f"| {_fmt(row.get('int8_aoti_ms'), 3)} | {_fmt(row.get('int8_openvino_ms'), 3)} "
+            f"| {_fmt(row['int8_speedup'], 2)} "
             f"| {_fmt(row['fp32_images_per_s'], 1)} | {_fmt(row['int8_images_per_s'], 1)} "
-            f"| {_fmt(row.get('int8_aoti_images_per_s'), 1)} |"
+            f"| {_fmt(row.get('int8_aoti_images_per_s'), 1)} "
+            f"| {_fmt(row.get('int8_openvino_images_per_s'), 1)} |"
         )
+    lines += _fastest_md(f("latency") or [])
     if f("int8_slower_than_fp32"):
         causes = "; ".join(f("int8_slower_causes") or []) or "none found"
         lines += ["", f"**int8 is slower than fp32** at this batch size. Likely causes: {causes}."]
-    lines += ["", *_quantized_ops_md(report)]
+    lines += ["", *_quantized_ops_md(report), *LOADING_MD]
     lines += [
         "## Machine and versions",
         "",

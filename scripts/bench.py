@@ -2,10 +2,14 @@
 
   python scripts/bench.py                      # full run (several minutes of compiles)
   python scripts/bench.py --quick --json bench.json
+  python scripts/bench.py --peers --json peers.json   # against OpenVINO and ONNX Runtime
 
 Figures: QAT train step vs fp32 eager step, DDP 2x1 vs 1x2 throughput, int8 vs fp32 compiled
 inference, data-loader wait fraction, qatdist's final int8 model vs the hand-written PT2E flow.
 Absolute timings depend on what else runs on the machine; the ratios are the result.
+
+--peers runs instead a side-by-side comparison with the runtimes a user could deploy int8 on
+(OpenVINO + NNCF, ONNX Runtime; `pip install -e '.[peers]'`): `benchmarks/peers.py`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,19 @@ TARGETS = {
     ("final_model_vs_hand_flow", None): ("<=", 1.05),
 }
 
+# Written by --peers (instead of the keys above): latencies per model, batch and stack; qatdist's
+# int8 over the fastest peer int8 per model and batch, and its geomean per batch; each stack's
+# agreement with eager fp32; what could not run and why; the peer packages' versions.
+PEER_JSON_KEYS = (
+    "peer_latency_ms",
+    "int8_vs_best_peer",
+    "int8_vs_best_peer_geomean",
+    "peer_agreement",
+    "peer_skipped",
+    "peer_versions",
+)
+PEER_BATCH_SIZES = (1, 32)
+
 QAT_MODELS = ["resnet18", "mobilenet_v3_large"]
 INT8_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
 
@@ -85,9 +102,25 @@ def build_parser() -> argparse.ArgumentParser:
         "inputs for the synthetic-data figures, fewer iterations. Still writes every JSON key.",
     )
     parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="Instead of the figures above: qatdist's int8 (PTQ, Inductor freezing) against "
+        "OpenVINO + NNCF and ONNX Runtime int8, and Inductor / OpenVINO fp32, on torchvision "
+        f"models at 224x224, batch {' and '.join(map(str, PEER_BATCH_SIZES))}, interleaved "
+        "(needs the `peers` extra; stacks whose packages are missing are listed, not run). "
+        f"Models: {','.join(INT8_MODELS)} (--quick: resnet18, fewer iterations).",
+    )
+    parser.add_argument(
+        "--cpp-wrapper",
+        action="store_true",
+        help="With --peers: also time qatdist's int8 compiled with Inductor's cpp_wrapper (a "
+        "lever for small batches; not counted in int8_vs_best_peer; longer compiles).",
+    )
+    parser.add_argument(
         "--json",
         metavar="PATH",
-        help="Also write the figures to PATH as JSON (keys: " + ", ".join(JSON_KEYS) + ").",
+        help="Also write the figures to PATH as JSON (keys: " + ", ".join(JSON_KEYS) + "; "
+        "with --peers: " + ", ".join(PEER_JSON_KEYS) + ").",
     )
     parser.add_argument(
         "--models",
@@ -266,10 +299,110 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
     return {key: results[key] for key in JSON_KEYS + REFERENCE_KEYS}
 
 
+_STACK_LABELS = {
+    "qatdist_int8": "qatdist int8",
+    "openvino_int8": "OpenVINO int8",
+    "ort_int8": "ORT int8",
+    "inductor_fp32": "Inductor fp32",
+    "openvino_fp32": "OpenVINO fp32",
+    "qatdist_int8_cpp_wrapper": "qatdist int8 cpp_wrapper",
+}
+
+
+_STACK_LABELS_ALWAYS = (
+    "qatdist_int8",
+    "openvino_int8",
+    "ort_int8",
+    "inductor_fp32",
+    "openvino_fp32",
+)
+
+
+def peers_table(results: dict) -> str:
+    """Markdown: one row per model and batch, latency (ms) per stack, int8_vs_best_peer."""
+    present = {
+        s for latency in results["peer_latency_ms"].values() for ms in latency.values() for s in ms
+    }
+    stacks = [s for s in _STACK_LABELS if s in present or s in _STACK_LABELS_ALWAYS]
+    lines = [
+        "| model | batch | "
+        + " | ".join(_STACK_LABELS[s] for s in stacks)
+        + " | int8_vs_best_peer |",
+        "| --- | --- | " + " | ".join("---" for _ in stacks) + " | --- |",
+    ]
+    for model, latency in results["peer_latency_ms"].items():
+        for batch, ms in latency.items():
+            cells = [f"{ms[s]:.2f}" if s in ms else "-" for s in stacks]
+            ratio = results["int8_vs_best_peer"][model][batch]
+            lines.append(
+                f"| {model} | {batch} | "
+                + " | ".join(cells)
+                + " | "
+                + ("-" if ratio is None else f"{ratio:.2f}")
+                + " |"
+            )
+    return "\n".join(lines)
+
+
+def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = False) -> dict:
+    """The --peers comparison, model after model; prints each as it completes. Returns the
+    PEER_JSON_KEYS dict (batch sizes as string keys, as JSON has them)."""
+    from benchmarks import peers
+
+    results: dict = {key: {} for key in PEER_JSON_KEYS}
+    results["peer_versions"] = peers.versions()
+    print(
+        "peer versions: "
+        + ", ".join(f"{k} {v or 'not installed'}" for k, v in results["peer_versions"].items())
+    )
+    rows = []
+    for name in models:
+        _section(f"{name}: latency (ms, interleaved medians), 224x224, {threads} threads")
+        r = peers.peer_latency(
+            name,
+            batch_sizes=PEER_BATCH_SIZES,
+            threads=threads,
+            rounds=3 if quick else 10,
+            stacks=peers.STACKS + (peers.LEVERS if cpp_wrapper else ()),
+        )
+        rows += r["rows"]
+        results["peer_latency_ms"][name] = {str(row["batch_size"]): row["ms"] for row in r["rows"]}
+        results["int8_vs_best_peer"][name] = {
+            str(row["batch_size"]): row["int8_vs_best_peer"] for row in r["rows"]
+        }
+        results["peer_agreement"][name] = r["agreement"]
+        results["peer_skipped"][name] = r["skipped"]
+        for stack, a in r["agreement"].items():
+            kernels = a.get("int8_kernels")
+            print(
+                f"  {stack}: relative logit error vs eager fp32 {a['rel_error']:.2e} "
+                f"(bound {a['bound']}: {'ok' if a['ok'] else 'NOT ok'}), top-1 agreement "
+                f"{a['top1_agreement']:.2f} (not judged: random-init logits are near ties)"
+                + (f"; int8 conv/linear kernels {kernels[0]} of {kernels[1]}" if kernels else "")
+            )
+        for stack, reason in r["skipped"].items():
+            print(f"  {stack}: could not run: {reason}")
+        for row in r["rows"]:
+            ratio = row["int8_vs_best_peer"]
+            print(
+                f"  batch {row['batch_size']}: "
+                + ", ".join(f"{s} {ms:.2f}" for s, ms in row["ms"].items())
+                + f"; int8_vs_best_peer {'-' if ratio is None else f'{ratio:.3f}'}",
+                flush=True,
+            )
+    results["int8_vs_best_peer_geomean"] = {
+        str(b): v for b, v in peers.geomean_int8_vs_best_peer(rows).items()
+    }
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads < 1:
         print("bench.py: --threads must be >= 1", file=sys.stderr)
+        return 2
+    if args.cpp_wrapper and not args.peers:
+        print("bench.py: --cpp-wrapper is a --peers option", file=sys.stderr)
         return 2
     plan = make_plan(args)
     known = set(torchvision.models.list_models(module=torchvision.models))
@@ -278,7 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.py: --models: unknown torchvision model(s) {unknown}", file=sys.stderr)
         return 2
     info = benchmarks.machine_info()
-    print("# qatdist benchmark" + (" (--quick)" if args.quick else ""))
+    print(
+        "# qatdist benchmark"
+        + (" --peers" if args.peers else "")
+        + (" (--quick)" if args.quick else "")
+    )
     print(
         f"machine: {info['cpu_model']} ({', '.join(info['cpu_flags']) or 'no AVX-512'}), "
         f"{info['cores_usable']} usable of {info['cpu_count']} CPUs, load average "
@@ -288,12 +425,20 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    results = run(plan, args.threads, args.quick)
+    if args.peers:
+        results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
+        geomean = results["int8_vs_best_peer_geomean"]
+        print("\n## Summary (latency ms; int8_vs_best_peer < 1: qatdist's int8 is faster)\n")
+        print(peers_table(results))
+        print(
+            "\nint8_vs_best_peer geomean: "
+            + (", ".join(f"batch {b}: {v:.3f}" for b, v in geomean.items()) or "not measured")
+        )
+    else:
+        results = run(plan, args.threads, args.quick)
+        print("\n## Summary\n")
+        print(markdown_table(summary_rows(results, {"int8_speedup": plan.int8_models})))
     elapsed = time.perf_counter() - start
-
-    expected = {"int8_speedup": plan.int8_models}
-    print("\n## Summary\n")
-    print(markdown_table(summary_rows(results, expected)))
     end_load = benchmarks.machine_info()["loadavg"][0]
     print(f"\nwall time {elapsed:.0f} s; load average at the end {end_load:.2f}")
     if args.json:

@@ -3,10 +3,13 @@
   python scripts/export_final.py --run-dir runs/resnet18
   python scripts/export_final.py --run-dir runs/r18 --checkpoint runs/r18/checkpoints/step-400 \
       --out exports/r18-400 --batch-sizes 1,8,32
+  python scripts/export_final.py --run-dir runs/r18 --formats pt2,aoti,openvino
 
 Writes model_int8.pt2 (torch.export, dynamic batch), model_int8_aoti.pt2 (AOTInductor package),
-report.json, report.md and latency.png into --out, all at once at the end. A missing or corrupt
-run directory or checkpoint exits with status 2 and leaves --out untouched.
+with `--formats ...,openvino` model_int8_openvino.xml/.bin (OpenVINO IR), report.json, report.md
+and latency.png into --out, all at once at the end. A missing or corrupt run directory or
+checkpoint, or a format whose package is not installed, exits with status 2 and leaves --out
+untouched.
 """
 
 from __future__ import annotations
@@ -27,6 +30,23 @@ def batch_sizes(text: str) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"expected batch sizes >= 1, got {text!r}")
     return sorted(set(sizes))
+
+
+FORMATS = ("pt2", "aoti", "openvino")
+
+
+def formats(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(names) - set(FORMATS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(FORMATS)}, got {text!r}"
+        )
+    return [f for f in FORMATS if f in names or f == "pt2"]  # pt2 is always written
+
+
+def _agreement(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"  # None: no sample was comparable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
         "the largest.",
     )
     parser.add_argument(
+        "--formats",
+        type=formats,
+        default=["pt2", "aoti"],
+        metavar="F,F",
+        help="Comma-separated artifact formats (default pt2,aoti): pt2 = model_int8.pt2 "
+        "(always written), aoti = model_int8_aoti.pt2 (AOTInductor package), openvino = "
+        "model_int8_openvino.xml/.bin (OpenVINO IR of the same QAT scales; needs openvino: "
+        "pip install -e '.[peers]'). Each is timed and evaluated in the report.",
+    )
+    parser.add_argument(
         "--iters",
         type=int,
         default=None,
@@ -92,21 +122,28 @@ def main(argv: list[str] | None = None) -> int:
             out_dir=args.out,
             batch_sizes=args.batch_sizes,
             latency_iters=args.iters,
+            formats=args.formats,
         )
     except ExportError as e:
         print(f"export_final.py: error: {e}", file=sys.stderr)
         return 2
     out = args.out or RunFolder(args.run_dir).final
-    agreement = report.get("int8_aoti_agreement")  # None: no sample was comparable
-    agreement_text = "-" if agreement is None else f"{agreement:.4f}"
     fallback = report.get("fp32_fallback_layers")
+    artifacts = [
+        f"{label} agreement {_agreement(report.get(f'int8_{key}_agreement'))}"
+        for key, label in (("aoti", "AOTI"), ("openvino", "OpenVINO"))
+        if key in args.formats
+    ]
     print(
         f"{report['model']} step {report['steps']}: int8 top-1 {report['int8_top1']:.4f} "
-        f"(fake-quant {report['fp32_fake_quant_top1']:.4f}), AOTI agreement "
-        f"{agreement_text}; "
+        f"(fake-quant {report['fp32_fake_quant_top1']:.4f})"
+        + "".join(f", {a}" for a in artifacts)
+        + "; "
         + (f"kept in fp32 for the accuracy budget: {', '.join(fallback)}; " if fallback else "")
         + ", ".join(
-            f"batch {row['batch_size']}: x{row['int8_speedup']:.2f}" for row in report["latency"]
+            f"batch {row['batch_size']}: x{row['int8_speedup']:.2f}, fastest int8 "
+            f"{row['fastest_int8']}"
+            for row in report["latency"]
         )
         + f" -> {out}"
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,6 +15,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "export_final.py"
+# The shared export also writes the OpenVINO IR where the optional openvino package is installed
+# (one export, not two: each converts and compiles the model again).
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+FORMATS = ["pt2", "aoti", "openvino"] if HAVE_OPENVINO else ["pt2", "aoti"]
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed ([peers])")
 
 
 def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -25,14 +32,18 @@ def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     )
 
 
-def run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_python(
+    code: str, timeout: int = 600, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter (not from the repository root: qatdist only importable
-    through the installed package, which the code below must not import)."""
+    through the installed package, which the code below must not import), with `env_extra`
+    added to the environment."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=os.environ | (env_extra or {}),
     )
 
 
@@ -45,9 +56,13 @@ def run_dir(two_rank_run) -> Path:
 
 @pytest.fixture(scope="module")
 def export(run_dir, tmp_path_factory) -> dict:
-    """One export of the shared run (read-only) into a temporary folder, batch sizes 1 and 4."""
+    """One export of the shared run (read-only) into a temporary folder, batch sizes 1 and 4,
+    in `FORMATS`."""
     out = tmp_path_factory.mktemp("export") / "final"
-    result = run_script("--run-dir", str(run_dir), "--out", str(out), "--batch-sizes", "1,4")
+    result = run_script(
+        "--run-dir", str(run_dir), "--out", str(out), "--batch-sizes", "1,4",
+        "--formats", ",".join(FORMATS),
+    )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return {"out": out, "report": json.loads((out / "report.json").read_text()), "result": result}
 
@@ -88,6 +103,9 @@ def test_report_fields(export, run_dir):
     assert report["int8_compiled_agreement"] >= 0.99
     assert "step 8" in export["result"].stdout
     assert report["produced_by"] == "scripts/export_final.py"
+    assert report["formats"] == FORMATS
+    for row in report["latency"]:
+        assert row["fastest_int8"] in ("int8", "int8_aoti", "int8_openvino")
     assert report["train_images_per_s"] > 0  # kept from the trainer's report of step 8
 
 
@@ -174,12 +192,103 @@ def test_pt2_loads_in_fresh_process_at_batch_1_and_7(export):
     assert imported == "False"
 
 
+def test_loaded_pt2_compiles_to_int8_kernels_only_through_load_int8(export, tmp_path):
+    """A fresh process: `torch.export.load` after a plain `import torch, torchao` compiles the
+    program to fp32 convolutions (torchao registers Inductor's int8 lowering only when its x86
+    quantizer module is imported), `qatdist.quant.load_int8` to int8 kernels. The kernels are
+    counted in Inductor's generated code; the caches are off so neither compile reuses the
+    other's (or an earlier run's) code."""
+    from qatdist.quant.inspect import count_quantized_ops
+
+    path = str(export["out"] / "model_int8.pt2")
+    result = run_python(
+        f"""
+        import sys
+        import torch, torchao
+        from torch._inductor.utils import run_and_get_code
+
+        torch._inductor.config.freezing = True
+        x = torch.randn(2, 3, 32, 32)
+
+        def write_code(program, name):
+            with torch.no_grad():
+                _, codes = run_and_get_code(torch.compile(program.module()), x)
+            open(f"{tmp_path}/{{name}}.py", "w").write("\\n".join(codes))
+
+        quantizer = "torchao.quantization.pt2e.quantizer.x86_inductor_quantizer"
+        print(quantizer in sys.modules)
+        write_code(torch.export.load({path!r}), "plain")
+        torch._dynamo.reset()
+        from qatdist.quant import load_int8
+        write_code(load_int8({path!r}), "loaded")
+        """,
+        env_extra={"TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "False"  # plain load: lowering not there
+    plain = (tmp_path / "plain.py").read_text()
+    assert count_quantized_ops(plain) == {"conv": 0, "linear": 0}  # fp32 convolutions
+    assert "mkldnn" in plain or "convolution" in plain
+    loaded = count_quantized_ops((tmp_path / "loaded.py").read_text())
+    assert loaded == {"conv": 20, "linear": 1}  # every resnet18 conv and the linear
+
+
+@needs_openvino
+def test_openvino_ir_runs_int8_kernels_and_matches_the_converted_model(export):
+    """The IR of `convert_pt2e(fold_quantize=False)`: every convolution and the linear an int8
+    kernel in OpenVINO's runtime model, outputs within int8 rounding of the converted PT2E
+    model, timed and evaluated beside the Inductor artifacts."""
+    import torch
+
+    out, report = export["out"], export["report"]
+    assert (out / "model_int8_openvino.xml").is_file() and (
+        out / "model_int8_openvino.bin"
+    ).is_file()
+    assert report["openvino_int8_kernels"] == [21, 21]  # 20 convolutions + the linear
+    assert 0.0 <= report["int8_openvino_top1"] <= 1.0
+    # Within int8 rounding on the logits' scale: two int8 implementations (oneDNN through
+    # OpenVINO and the eager reference) round activations differently, and one flipped rounding
+    # moves a logit by about a quantization step; an fp32-run or mis-scaled model is far off.
+    logits = torch.load(out / "val_reference.pt", weights_only=True)["logits"]
+    assert report["int8_openvino_max_abs_logit_diff"] <= 0.1 * float(logits.abs().max())
+    assert 1 <= report["int8_openvino_comparable_samples"] <= report["int8_eval_samples"]
+    assert report["int8_openvino_agreement"] >= 0.99
+    for row in report["latency"]:
+        assert row["int8_openvino_ms"] > 0
+        assert row["int8_openvino_speedup"] == pytest.approx(
+            row["fp32_ms"] / row["int8_openvino_ms"]
+        )
+    markdown = (out / "report.md").read_text()
+    assert "| int8 OpenVINO IR |" in markdown and "fastest on this CPU" in markdown
+
+
+def test_openvino_format_without_openvino_exits_2(monkeypatch, tmp_path, capsys):
+    """Refused before anything is read or written, naming the format and the install command."""
+    spec = importlib.util.spec_from_file_location("export_final_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a)
+    )
+    out = tmp_path / "out"
+    code = script.main(["--run-dir", str(tmp_path), "--out", str(out), "--formats", "openvino"])
+    stderr = capsys.readouterr().err
+    assert code == 2
+    assert "openvino format" in stderr and "pip install -e '.[peers]'" in stderr
+    assert not out.exists()
+    with pytest.raises(SystemExit) as exit_info:
+        script.build_parser().parse_args(["--run-dir", ".", "--formats", "pt2,tensorrt"])
+    assert exit_info.value.code == 2
+
+
 def test_report_md_and_latency_png(export):
     from PIL import Image
 
     out = export["out"]
     markdown = (out / "report.md").read_text()
     assert "| 1 |" in markdown and "| 4 |" in markdown and "int8 AOTI" in markdown
+    assert "qatdist.quant.load_int8" in markdown  # how to load the artifacts
     with Image.open(out / "latency.png") as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 100
@@ -194,6 +303,7 @@ def test_trainer_final_uses_the_shared_step(run_dir):
     assert [row["batch_size"] for row in report["latency"]] == [8]
     assert (final / "report.md").is_file() and (final / "latency.png").is_file()
     assert not (final / "model_int8_aoti.pt2").exists()  # left to the export script
+    assert not (final / "model_int8_openvino.xml").exists()  # an export_final format only
 
 
 def _assert_refused(result: subprocess.CompletedProcess, out: Path, *phrases: str) -> None:

@@ -1,11 +1,18 @@
-"""From a prepared QAT model to an int8 model: convert, eval mode, Inductor with freezing."""
+"""From a prepared QAT model to an int8 model: convert, eval mode, Inductor with freezing; and
+loading a saved int8 program so that compiling it uses the int8 kernels (`load_int8`)."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
-import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  registers int8 lowerings
+
+# Importing this module is what registers Inductor's x86 int8 lowering (its last lines install
+# the weight-prepack freezing patterns and the quant lift-up pass); importing
+# `torchao.quantization.pt2e.inductor_passes.x86` alone does not (torchao 0.18). Without it a
+# compiled converted model runs fp32 convolutions plus quantize/dequantize arithmetic, silently.
+import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
 from qatdist.quant.batchnorm import fold_with_model_bn_eps
@@ -14,13 +21,17 @@ from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.schedule import to_eval
 
 
-def convert_to_int8(prepared: torch.nn.Module) -> torch.fx.GraphModule:
+def convert_to_int8(
+    prepared: torch.nn.Module, *, fold_quantize: bool = True
+) -> torch.fx.GraphModule:
     """A converted (quantize/dequantize pattern) copy of `prepared` in eval mode.
 
-    Works on a deep copy: the prepared model keeps training unchanged.
+    Works on a deep copy: the prepared model keeps training unchanged. `fold_quantize=False`
+    keeps each weight fp32 followed by its quantize/dequantize pair instead of an int8
+    constant (what OpenVINO's frontend can read, `qatdist.openvino_ir`).
     """
     with only_present_conv_types(), fold_with_model_bn_eps(prepared):
-        converted = convert_pt2e(copy.deepcopy(prepared))
+        converted = convert_pt2e(copy.deepcopy(prepared), fold_quantize=fold_quantize)
     to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
     rewrite_ceil_mode_int8_max_pools(converted)  # Inductor's int8 pool drops ceil_mode
     return converted
@@ -40,3 +51,19 @@ def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:
     """
     torch._inductor.config.freezing = True
     return torch.compile(model, backend="inductor", dynamic=False)
+
+
+def load_int8(path: str | Path) -> torch.export.ExportedProgram:
+    """Load an int8 program saved by qatdist (`final/model_int8.pt2`) with `torch.export.load`,
+    in a process where compiling it gives int8 kernels.
+
+    Importing this module registered torchao's quantized ops (needed to deserialize the
+    program) and Inductor's x86 int8 lowering (needed for `torch.compile` with freezing, or
+    `torch._inductor.aoti_compile_and_package`, to emit oneDNN qconv/qlinear calls). A plain
+    `import torch, torchao` loads and runs the program eagerly but compiles it to fp32
+    convolutions. Raises FileNotFoundError when `path` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such int8 program (model_int8.pt2)")
+    return torch.export.load(str(path))

@@ -1,0 +1,117 @@
+"""benchmarks/peers.py and `scripts/bench.py --peers`: the ratio, the agreement verdicts and the
+missing-package path without the peers installed; an OpenVINO smoke run when it is."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+from test_bench import _load_script
+
+from benchmarks import peers
+
+
+def test_int8_vs_best_peer_takes_the_fastest_peer_int8():
+    ms = {"qatdist_int8": 3.0, "openvino_int8": 2.0, "ort_int8": 2.5, "openvino_fp32": 0.5}
+    assert peers.int8_vs_best_peer(ms) == pytest.approx(1.5)  # fp32 stacks are not peers
+    assert peers.int8_vs_best_peer({"qatdist_int8": 3.0, "ort_int8": 6.0}) == pytest.approx(0.5)
+    assert peers.int8_vs_best_peer({"qatdist_int8": 3.0, "inductor_fp32": 1.0}) is None
+    assert peers.int8_vs_best_peer({"openvino_int8": 3.0}) is None
+
+
+def test_geomean_is_per_batch_size_over_measured_rows():
+    rows = [
+        {"batch_size": 1, "int8_vs_best_peer": 2.0},
+        {"batch_size": 1, "int8_vs_best_peer": 0.5},
+        {"batch_size": 32, "int8_vs_best_peer": 1.2},
+        {"batch_size": 32, "int8_vs_best_peer": None},  # no peer ran for that model
+    ]
+    assert peers.geomean_int8_vs_best_peer(rows) == {1: pytest.approx(1.0), 32: 1.2}
+
+
+def test_missing_packages_name_the_package_and_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "nncf" else real(name)
+    )
+    missing = peers.missing_packages()
+    assert "nncf" in missing["openvino_int8"]
+    assert "pip install -e '.[peers]'" in missing["openvino_int8"]
+    assert "qatdist_int8" not in missing and "inductor_fp32" not in missing
+
+
+def test_agreement_flags_a_broken_stack_and_an_int8_without_int8_kernels():
+    generator = torch.Generator().manual_seed(0)
+    reference = torch.randn(8, 1000, generator=generator)
+    close = reference + 0.05 * torch.randn(8, 1000, generator=generator)
+    unrelated = torch.randn(8, 1000, generator=generator)
+    good = peers.agreement(close, reference, "ort_int8")
+    assert good["ok"] and good["rel_error"] == pytest.approx(0.05, rel=0.2)
+    assert peers._not_timed("ort_int8", good | {"int8_kernels": [20, 21]}) is None
+    assert "no convolution or linear" in peers._not_timed(
+        "ort_int8", good | {"int8_kernels": [0, 21]}
+    )
+    broken = peers.agreement(unrelated, reference, "qatdist_int8")
+    assert not broken["ok"] and broken["rel_error"] > 1.0
+    assert "relative logit error" in peers._not_timed("qatdist_int8", broken)
+    # The same int8-sized error is far outside the fp32 stacks' bound.
+    assert not peers.agreement(close, reference, "openvino_fp32")["ok"]
+
+
+def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch, tmp_path, capsys):
+    def fake(name, **kwargs):
+        rows = [
+            {"batch_size": b, "ms": {"qatdist_int8": 2.0 * b, "ort_int8": 1.0 * b}}
+            for b in kwargs["batch_sizes"]
+        ]
+        for row in rows:
+            row["int8_vs_best_peer"] = peers.int8_vs_best_peer(row["ms"])
+        ok = {"rel_error": 0.01, "bound": 0.25, "ok": True, "top1_agreement": 0.5}
+        return {
+            "rows": rows,
+            "agreement": {"qatdist_int8": ok, "ort_int8": ok},
+            "skipped": {"openvino_int8": "package(s) openvino not installed (pip ...)"},
+        }
+
+    monkeypatch.setattr(peers, "peer_latency", fake)
+    script = _load_script(monkeypatch)
+    out = tmp_path / "peers.json"
+    assert script.main(["--peers", "--models", "resnet18", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert tuple(results) == script.PEER_JSON_KEYS
+    assert results["int8_vs_best_peer"] == {"resnet18": {"1": 2.0, "32": 2.0}}
+    assert results["int8_vs_best_peer_geomean"] == {"1": 2.0, "32": 2.0}
+    printed = capsys.readouterr().out
+    assert "openvino_int8: could not run: package(s) openvino not installed" in printed
+    assert "| resnet18 | 1 | 2.00 | - | 1.00 | - | - | 2.00 |" in printed
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
+    reason="OpenVINO / NNCF not installed (the optional `peers` extra)",
+)
+def test_openvino_stacks_run_on_a_small_model():
+    """OpenVINO fp32 and NNCF int8 of resnet18 at 64x64: outputs within the bounds, every
+    convolution and the linear an int8 kernel at run time, positive latencies."""
+    result = peers.peer_latency(
+        "resnet18",
+        batch_sizes=(2,),
+        image_size=64,
+        calib_batches=4,
+        calib_batch_size=8,
+        rounds=1,
+        per_round=2,
+        stacks=("openvino_fp32", "openvino_int8"),
+    )
+    assert result["skipped"] == {}
+    assert result["agreement"]["openvino_fp32"]["ok"]
+    assert result["agreement"]["openvino_int8"]["ok"]
+    assert result["agreement"]["openvino_int8"]["int8_kernels"] == [21, 21]
+    assert result["agreement"]["openvino_fp32"]["int8_kernels"][0] == 0
+    ms = result["rows"][0]["ms"]
+    assert set(ms) == {"openvino_fp32", "openvino_int8"}
+    assert all(math.isfinite(v) and v > 0 for v in ms.values())
+    assert result["rows"][0]["int8_vs_best_peer"] is None  # qatdist's stack was not asked for
