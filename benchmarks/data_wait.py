@@ -29,7 +29,6 @@ class DataWaitJob:
     warmup: int
     steps: int
     seed: int
-    prefetch: bool
 
 
 def _data_wait_worker(job: DataWaitJob, queue) -> None:
@@ -51,7 +50,6 @@ def _data_wait_worker(job: DataWaitJob, queue) -> None:
         seed=job.seed,
         epoch=0,
         worker_init_fn=worker_init,
-        prefetch=job.prefetch,
     )
     waits, computes = [], []
     it = iter(batches)
@@ -100,12 +98,10 @@ def data_wait_fraction(
     warmup: int = 5,
     steps: int = 30,
     seed: int = 0,
-    prefetch: bool = True,
 ) -> dict:
     """Fraction of step time (wait + compute) a single training process spends blocked on the
     next batch, with the data section of `config_path` (default: configs/default.toml) pointed
-    at small demo shards generated in a temp dir at its image size (or `image_size`).
-    `prefetch=False`: without the rank's prefetch thread (`data.prefetched`), for reference."""
+    at small demo shards generated in a temp dir at its image size (or `image_size`)."""
     cfg = qconfig.load(config_path)
     if image_size is not None:
         cfg.data = dataclasses.replace(cfg.data, image_size=image_size)
@@ -121,9 +117,7 @@ def data_wait_fraction(
         data_cfg = dataclasses.replace(
             cfg.data, train_shards=train, val_shards=val, generate_demo=False
         )
-        job = DataWaitJob(
-            model_name, data_cfg, cfg.runtime, batch_size, warmup, steps, seed, prefetch
-        )
+        job = DataWaitJob(model_name, data_cfg, cfg.runtime, batch_size, warmup, steps, seed)
         # A fresh process: placement pins it, which must not narrow the caller's CPUs.
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -137,7 +131,6 @@ def data_wait_fraction(
         "shape": [batch_size, 3, data_cfg.image_size, data_cfg.image_size],
         "num_workers": data_cfg.num_workers,
         "steps": steps,
-        "prefetch": prefetch,
         **result,
         "fraction": result["wait_s"] / total,
     }

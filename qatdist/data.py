@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-import queue
 import random
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -264,7 +262,6 @@ def train_batches(
     epoch: int,
     start_step: int = 0,
     worker_init_fn=None,
-    prefetch: bool = True,
 ) -> Iterable[Batch]:
     """Exactly `steps - start_step` train batches of exactly `batch_size` samples (steps
     start_step .. steps-1 of the epoch) for `rank`, the same count on every rank.
@@ -272,9 +269,8 @@ def train_batches(
     The order is a pure function of (seed, epoch, rank, cfg): equal arguments give bitwise-equal
     batches, and `start_step=k` gives the tail of the `start_step=0` sequence. Loads in
     cfg.num_workers DataLoader workers (0: in this process); `worker_init_fn(worker_id)` is
-    passed to the DataLoader, whose batches a thread receives ahead of the consumer
-    (`prefetched`; `prefetch=False` only to measure what it saves). Raises ConfigError for bad
-    patterns or too few shards, and DataError for a bad sample under data.on_error='raise'.
+    passed to the DataLoader. Raises ConfigError for bad patterns or too few shards, and
+    DataError for a bad sample under data.on_error='raise'.
     """
     if batch_size < 1 or not 0 <= start_step <= steps or not 0 <= rank < world_size:
         raise ValueError(
@@ -307,70 +303,7 @@ def train_batches(
         # mid-epoch); the data order is seeded explicitly above anyway.
         generator=torch.Generator().manual_seed(seed),
     )
-    receive = prefetched if prefetch else iter
-    return _Batches(lambda: receive(_iterate_and_stop_workers(loader)), steps - start_step)
-
-
-PREFETCH_DEPTH = 2  # batches held ready in the rank: the next step's, and one behind it
-_END = object()
-
-
-class _Raised(NamedTuple):
-    error: BaseException
-
-
-def prefetched(batches: Iterator[Batch]) -> Iterator[Batch]:
-    """`batches`, pulled by a background thread up to PREFETCH_DEPTH ahead of the consumer.
-
-    Receiving a batch from a DataLoader worker costs the rank itself a few milliseconds
-    (unpickling, rebuilding the tensors from shared memory: 3.8 ms a batch on the demo,
-    docs/performance.md); in a thread that work overlaps the training step, whose torch ops
-    release the GIL, instead of adding to it. Order and content are those of `batches`; an
-    error raised while loading is raised here after the batches before it. The thread starts
-    on the first `next()` (so the loader forks its workers while the consumer waits, as it
-    did without the thread), closes `batches` itself, and is joined when this generator ends,
-    is closed or is garbage collected.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=PREFETCH_DEPTH)
-    stop = threading.Event()
-
-    def offer(item) -> bool:
-        """Put `item` unless the consumer has gone; False once it has."""
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def pull() -> None:
-        last = _END
-        try:
-            for batch in batches:
-                if not offer(batch):
-                    return
-        except BaseException as e:  # handed to the consumer, who raises it in its own frame
-            last = _Raised(e)
-        finally:
-            close = getattr(batches, "close", None)
-            if close is not None:
-                close()  # a generator is closed by the thread that ran it
-        offer(last)
-
-    thread = threading.Thread(target=pull, name="qatdist-prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = ready.get()
-            if item is _END:
-                return
-            if isinstance(item, _Raised):
-                raise item.error
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    return _Batches(lambda: _iterate_and_stop_workers(loader), steps - start_step)
 
 
 def _iterate_and_stop_workers(loader: DataLoader) -> Iterator[Batch]:

@@ -38,13 +38,8 @@ JSON_KEYS = (
     "final_model_vs_hand_flow",
 )
 # Written after the contract keys: the same measurements with a lever switched, for reference
-# (QAT with torchao's own fake-quant op; DDP with runtime.grad_compression = "bf16"; the loader
-# without the rank's prefetch thread).
-REFERENCE_KEYS = (
-    "qat_step_ratio_torchao_op",
-    "ddp_scaling_ratio_bf16_grads",
-    "data_wait_fraction_no_prefetch",
-)
+# (QAT with torchao's own fake-quant op; DDP with runtime.grad_compression = "bf16").
+REFERENCE_KEYS = ("qat_step_ratio_torchao_op", "ddp_scaling_ratio_bf16_grads")
 
 # The project's targets: (figure, model) -> (comparison, bound). Model None: a single number;
 # "*": every model measured (or expected) for that figure.
@@ -270,17 +265,15 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
     _int8_figures(plan, threads, results)
 
     _section("data_wait_fraction: time blocked on the next batch / step time (demo config)")
-    for prefetch, key in ((True, "data_wait_fraction"), (False, "data_wait_fraction_no_prefetch")):
-        r = benchmarks.data_wait_fraction(steps=plan.data_steps, prefetch=prefetch)
-        results[key] = r["fraction"]
-        print(
-            f"{r['model']} QAT on demo shards, batch {_shape(r['shape'])}, data.num_workers "
-            f"{r['num_workers']}, prefetch thread {'on' if prefetch else 'off'}, trainer "
-            f"placement: compute CPUs {r['cpus']} ({r['threads']} thread(s)), loader CPUs "
-            f"{r['loader_cpus']}; {r['steps']} steps: waited {r['wait_s']:.3f} s, computed "
-            f"{r['step_s']:.2f} s -> {r['fraction']:.4f}",
-            flush=True,
-        )
+    r = benchmarks.data_wait_fraction(steps=plan.data_steps)
+    results["data_wait_fraction"] = r["fraction"]
+    print(
+        f"{r['model']} QAT on demo shards, batch {_shape(r['shape'])}, data.num_workers "
+        f"{r['num_workers']}, trainer placement: compute CPUs {r['cpus']} ({r['threads']} "
+        f"thread(s)), loader CPUs {r['loader_cpus']}; {r['steps']} steps: waited "
+        f"{r['wait_s']:.3f} s, computed {r['step_s']:.2f} s -> {r['fraction']:.4f}",
+        flush=True,
+    )
 
     _section("final_model_vs_hand_flow: qatdist int8 latency / hand-written flow's (same weights)")
     r = benchmarks.final_model_vs_hand_flow(

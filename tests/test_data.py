@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import io
-import itertools
-import multiprocessing
 import pickle
 import subprocess
 import sys
 import tarfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -375,47 +371,3 @@ def test_train_with_missing_shard_folder_fails_before_any_process_group(tmp_path
     )
     assert "process group" not in result.stderr.lower()
     assert list(tmp_path.iterdir()) == []  # no shard folder, no demo, no run folder
-
-
-def _prefetch_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "qatdist-prefetch"]
-
-
-def test_prefetched_keeps_order_and_raises_the_loaders_error_after_the_batches_before_it():
-    def source():
-        yield from range(5)
-        raise DataError("bad sample s000004")
-
-    got = []
-    with pytest.raises(DataError, match="s000004"):
-        for item in data.prefetched(source()):
-            got.append(item)
-            time.sleep(0.01)  # a consumer slower than the source: the queue fills up
-    assert got == [0, 1, 2, 3, 4]
-    assert not _prefetch_threads()
-
-
-def test_prefetched_stops_and_closes_its_source_when_the_consumer_stops_early():
-    closed = threading.Event()
-
-    def endless():
-        try:
-            yield from itertools.count()
-        finally:
-            closed.set()
-
-    batches = data.prefetched(endless())
-    assert [next(batches) for _ in range(3)] == [0, 1, 2]
-    batches.close()  # what a `break` out of a for loop does to the generator
-    assert closed.is_set() and not _prefetch_threads()
-
-
-def test_loader_workers_and_prefetch_thread_end_with_an_early_break(tmp_path: Path) -> None:
-    cfg = make_cfg(write_shards(tmp_path, [9, 14, 5, 12]), num_workers=2)
-    batches = iter(
-        data.train_batches(cfg, batch_size=4, steps=7, rank=0, world_size=1, seed=3, epoch=0)
-    )
-    assert next(batches).images.shape[0] == 4
-    assert _prefetch_threads() and multiprocessing.active_children()
-    batches.close()
-    assert not _prefetch_threads() and not multiprocessing.active_children()
