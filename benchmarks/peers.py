@@ -1,11 +1,17 @@
 """qatdist's int8 against the x86 runtimes a user could deploy instead, side by side.
 
 For one torchvision architecture (random init, fixed seed), the same calibration batches and the
-same thread count everywhere, five stacks:
+same thread count everywhere, these stacks:
 
-- `qatdist_int8`: qatdist's PTQ (`qatdist.quant.ptq.post_training_int8`: X86InductorQuantizer,
-  the lowering qatdist's final model uses) compiled with `compile_for_inference` (Inductor
-  freezing), one static compile per batch size as the final model is compiled.
+- qatdist's artifacts, all from one PTQ (`qatdist.quant.ptq`: X86InductorQuantizer, the lowering
+  and the scales layout qatdist's final model uses):
+  - `qatdist_int8`: the converted model compiled with `compile_for_inference` (Inductor
+    freezing), one static compile per batch size, as `final/` compiles it;
+  - `qatdist_int8_aoti`: the AOTInductor package `scripts/export_final.py` writes
+    (`model_int8_aoti.pt2`, dynamic batch);
+  - `qatdist_int8_openvino`: the OpenVINO IR `export_final --formats ...,openvino` writes
+    (`qatdist.openvino_ir.export_ir`: the same quantizer's scales as FakeQuantize nodes), run by
+    OpenVINO.
 - `openvino_int8`: NNCF PTQ (`nncf.quantize`, default preset) of the OpenVINO model.
 - `ort_int8`: ONNX Runtime static QDQ int8, per-channel weights (`quantize_static`, default
   S8S8), from the dynamo exporter's fp32 ONNX after `quant_pre_process` (which folds BatchNorm
@@ -33,10 +39,12 @@ mobilenet_v3_large on all three int8 stacks, 0.04-0.05 for resnet18). A stack ou
 or an "int8" stack that runs no convolution or linear as an int8 kernel (counted in Inductor's
 generated code, OpenVINO's runtime graph, the graph ONNX Runtime optimised), is not timed.
 
-Timing: interleaved rounds (each round runs every stack `per_round` times in a row), the first
-call of each stack in a round discarded, medians of the rest. The stacks share two cores and
-each leaves its threads spinning for a while after a call (OpenMP, TBB, ORT's pool): the
-discarded call absorbs what the previous stack's spinning threads cost.
+Each stack lives in a process of its own (`_StackProcess`), built one after the other: in one
+process the runtimes' thread pools (OpenMP, OpenVINO's TBB, ORT's pool) contend for the cores
+and inflated a few-millisecond call 2-3x (docs/performance.md). Timing stays side by side:
+interleaved rounds, in each of which the parent asks every stack's process in turn for
+`per_round` consecutive calls (the others wait on their pipe, idle); the first call of each run
+is discarded (it absorbs the previous stack's threads still spinning), medians of the rest.
 
 The peers are optional (`pip install -e '.[peers]'`): a stack whose package is missing, or whose
 build fails, is listed in `skipped` with the reason, and the others still run.
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -58,22 +67,30 @@ from torch._inductor.utils import run_and_get_code
 
 from qatdist import openvino_ir
 from qatdist.config import QuantConfig
+from qatdist.finalize import aoti_package_source, build_aoti_package, export_int8
 from qatdist.quant import compile_for_inference
 from qatdist.quant.inspect import count_quantized_ops
-from qatdist.quant.ptq import post_training_int8
+from qatdist.quant.ptq import post_training_int8, prepare_ptq
 
 QATDIST = "qatdist_int8"
+AOTI = "qatdist_int8_aoti"
+QATDIST_OPENVINO = "qatdist_int8_openvino"
+# Every int8 artifact qatdist produces; `int8_vs_best_peer` takes the fastest of them.
+QATDIST_ARTIFACTS = (QATDIST, AOTI, QATDIST_OPENVINO)
 PEER_INT8 = ("openvino_int8", "ort_int8")
 FP32 = ("inductor_fp32", "openvino_fp32")
-STACKS = (QATDIST, *PEER_INT8, *FP32)
+STACKS = (*QATDIST_ARTIFACTS, *PEER_INT8, *FP32)
 # A lever measured on request (`stacks=STACKS + LEVERS`), not part of int8_vs_best_peer: the same
 # int8 model compiled with Inductor's C++ wrapper (`cpp_wrapper`), which replaces the Python code
 # that calls each kernel, the per-call overhead that weighs most at batch 1.
 CPP_WRAPPER = "qatdist_int8_cpp_wrapper"
 LEVERS = (CPP_WRAPPER,)
+INT8 = (*QATDIST_ARTIFACTS, CPP_WRAPPER, *PEER_INT8)
 # The Python packages each stack needs (the `peers` extra of pyproject.toml).
 REQUIRES = {
     QATDIST: (),
+    AOTI: (),
+    QATDIST_OPENVINO: ("openvino",),
     CPP_WRAPPER: (),
     "inductor_fp32": (),
     "openvino_int8": ("openvino", "nncf"),
@@ -97,13 +114,21 @@ def missing_packages(stacks: tuple[str, ...] = STACKS) -> dict[str, str]:
     return out
 
 
+def fastest_qatdist(latency_ms: dict[str, float]) -> str | None:
+    """The fastest of qatdist's int8 artifacts among those measured (None: none was)."""
+    measured = [s for s in QATDIST_ARTIFACTS if s in latency_ms]
+    return min(measured, key=latency_ms.__getitem__) if measured else None
+
+
 def int8_vs_best_peer(latency_ms: dict[str, float]) -> float | None:
-    """qatdist's int8 latency over the fastest peer int8 latency among those measured; None
-    when qatdist's or every peer's int8 is missing. Below 1: qatdist is faster."""
+    """The fastest qatdist int8 artifact's latency over the fastest peer int8 latency among
+    those measured; None when no qatdist artifact or no peer int8 was measured. Below 1:
+    qatdist is faster."""
     peers = [latency_ms[s] for s in PEER_INT8 if s in latency_ms]
-    if QATDIST not in latency_ms or not peers:
+    ours = fastest_qatdist(latency_ms)
+    if ours is None or not peers:
         return None
-    return latency_ms[QATDIST] / min(peers)
+    return latency_ms[ours] / min(peers)
 
 
 def geomean_int8_vs_best_peer(rows: list[dict]) -> dict[int, float]:
@@ -124,8 +149,7 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 def agreement(output: torch.Tensor, reference: torch.Tensor, stack: str) -> dict:
     """Relative logit error (judged against the stack's bound) and top-1 agreement (reported)."""
     error = relative_error(output, reference)
-    int8 = stack in (QATDIST, CPP_WRAPPER, *PEER_INT8)
-    bound = INT8_REL_ERROR_BOUND if int8 else FP32_REL_ERROR_BOUND
+    bound = INT8_REL_ERROR_BOUND if stack in INT8 else FP32_REL_ERROR_BOUND
     return {
         "rel_error": error,
         "bound": bound,
@@ -141,7 +165,7 @@ def _not_timed(stack: str, measured: dict) -> str | None:
             f"not timed: relative logit error {measured['rel_error']:.3g} vs eager fp32 above "
             f"its bound {measured['bound']}"
         )
-    if stack in (QATDIST, *PEER_INT8) and measured.get("int8_kernels", [1])[0] == 0:
+    if stack in INT8 and measured.get("int8_kernels", [1])[0] == 0:
         return "not timed: no convolution or linear runs as an int8 kernel"
     return None
 
@@ -162,70 +186,48 @@ def seeded_model(name: str, seed: int, calibration: list[torch.Tensor]) -> torch
     return model.eval()
 
 
-def interleaved_rounds_ms(
-    forwards: dict[str, Callable], example: torch.Tensor, rounds: int, per_round: int
-) -> dict[str, float]:
-    """Median ms per call of each forward on `example` over `rounds` interleaved rounds of
-    `per_round` consecutive calls, the first call of each run of calls not counted."""
-    if per_round < 2:
-        raise ValueError("per_round must be >= 2: the first call of each round is discarded")
-    times: dict[str, list[float]] = {name: [] for name in forwards}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, forward in forwards.items():
-                for i in range(per_round):
-                    start = time.perf_counter()
-                    forward(example)
-                    if i:
-                        times[name].append((time.perf_counter() - start) * 1000.0)
-    return {name: statistics.median(values) for name, values in times.items()}
+def inputs(
+    seed: int, image_size: int, calib_batches: int, calib_batch_size: int, batch_sizes
+) -> tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
+    """(calibration batches, held-out batch, {batch size: timing example}), the same in every
+    process for the same arguments. The held-out batch has the largest batch size measured, so
+    that Inductor's static compile it triggers is reused there."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    shape = (3, image_size, image_size)
+    calibration = [
+        torch.randn(calib_batch_size, *shape, generator=generator) for _ in range(calib_batches)
+    ]
+    held_out = torch.randn(max(batch_sizes), *shape, generator=generator)
+    examples = {b: torch.randn(b, *shape, generator=generator) for b in batch_sizes}
+    return calibration, held_out, examples
 
 
 def _numpy_forward(run: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: torch.from_numpy(run(x.numpy()))
 
 
-def _openvino_forwards(
-    fp32: torch.nn.Module,
-    calibration: list[torch.Tensor],
-    threads: int,
-    want: set[str],
-    kernels: dict[str, tuple[int, int]],
-) -> dict[str, Callable]:
-    """The OpenVINO stacks in `want`; `kernels` receives each one's int8 kernel count."""
+def _openvino_model(fp32: torch.nn.Module, example: torch.Tensor):
+    """`openvino.convert_model` of the exported fp32 model, batch dynamic, H and W fixed."""
     import openvino as ov
 
-    example = calibration[0]
     batch = torch.export.Dim("batch", min=1, max=4096)
     exported = torch.export.export(fp32, (example,), dynamic_shapes=({0: batch},))
-    ov_model = ov.convert_model(exported)
+    model = ov.convert_model(exported)
     # The frontend leaves H and W dynamic too; fixing them lets the plugin pick its kernels
     # for the benchmark's shape up front (the batch stays dynamic: one model for 1 and 32).
-    ov_model.reshape([-1, *example.shape[1:]])
-    models = {}
-    if "openvino_fp32" in want:
-        models["openvino_fp32"] = ov_model
-    if "openvino_int8" in want:
-        import nncf
-
-        dataset = nncf.Dataset([x.numpy() for x in calibration])
-        models["openvino_int8"] = nncf.quantize(ov_model, dataset, subset_size=len(calibration))
-    forwards = {}
-    for name, model in models.items():
-        compiled = openvino_ir.compile_model(model, threads)
-        kernels[name] = openvino_ir.int8_kernels(compiled)
-        forwards[name] = openvino_ir.forward(compiled)
-    return forwards
+    model.reshape([-1, *example.shape[1:]])
+    return model
 
 
-def _ort_forward(
-    fp32: torch.nn.Module,
-    calibration: list[torch.Tensor],
-    threads: int,
-    folder: Path,
-    kernels: dict[str, tuple[int, int]],
-) -> Callable:
-    """The ORT int8 stack, built in `folder`; `kernels` receives its `ort_int8_kernels`."""
+def _openvino_stack(model, threads: int) -> tuple[Callable, tuple[int, int]]:
+    compiled = openvino_ir.compile_model(model, threads)
+    return openvino_ir.forward(compiled), openvino_ir.int8_kernels(compiled)
+
+
+def _ort_stack(
+    fp32: torch.nn.Module, calibration: list[torch.Tensor], threads: int, folder: Path
+) -> tuple[Callable, tuple[int, int]]:
+    """The ORT int8 stack, built in `folder`, and its `ort_int8_kernels`."""
     import onnxruntime as ort
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -259,8 +261,8 @@ def _ort_forward(
     )
     options.optimized_model_filepath = str(folder / "optimized.onnx")  # what ORT will run
     session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-    kernels["ort_int8"] = ort_int8_kernels(folder / "optimized.onnx")
-    return _numpy_forward(lambda a: session.run(None, {input_name: a})[0])
+    run = _numpy_forward(lambda a: session.run(None, {input_name: a})[0])
+    return run, ort_int8_kernels(folder / "optimized.onnx")
 
 
 def ort_int8_kernels(optimized: Path) -> tuple[int, int]:
@@ -274,12 +276,24 @@ def ort_int8_kernels(optimized: Path) -> tuple[int, int]:
     return int8, int8 + sum(op in ORT_FLOAT_OPS for op in ops)
 
 
-def _inductor_forwards(
-    fp32: torch.nn.Module, calibration: list[torch.Tensor], want: set[str]
-) -> dict[str, torch.nn.Module]:
-    """Compiled (not yet warmed) Inductor forwards; each compiles at its first call per shape."""
-    forwards = {}
-    if QATDIST in want:
+def _calibrated_ptq(fp32: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.nn.Module:
+    """qatdist's PTQ-prepared model after the calibration batches (observers filled)."""
+    prepared = prepare_ptq(
+        fp32, fp32.state_dict(), QuantConfig(), image_size=calibration[0].shape[-1]
+    )
+    with torch.no_grad():
+        for images in calibration:
+            prepared(images)
+    return prepared
+
+
+def build_stack(
+    stack: str, fp32: torch.nn.Module, calibration: list[torch.Tensor], threads: int, folder: Path
+) -> tuple[Callable, tuple[int, int] | None]:
+    """(forward, int8 kernel count or None) of one stack, files in `folder`. Inductor's int8
+    stacks compile at their first call (`build_first_call` counts their kernels there)."""
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp32.modules())
+    if stack in (QATDIST, CPP_WRAPPER, AOTI):
         int8 = post_training_int8(
             copy.deepcopy(fp32),
             fp32.state_dict(),
@@ -287,26 +301,139 @@ def _inductor_forwards(
             QuantConfig(),
             image_size=calibration[0].shape[-1],
         )
-        forwards[QATDIST] = compile_for_inference(int8)
-    if CPP_WRAPPER in want:
-        if QATDIST not in want:
-            raise ValueError(f"{CPP_WRAPPER} is measured beside {QATDIST}: ask for both")
-        forwards[CPP_WRAPPER] = torch.compile(
-            copy.deepcopy(int8), backend="inductor", dynamic=False, options={"cpp_wrapper": True}
-        )  # freezing: already on, set by compile_for_inference
-    if "inductor_fp32" in want:
-        forwards["inductor_fp32"] = compile_for_inference(copy.deepcopy(fp32))
-    return forwards
+        if stack == QATDIST:
+            return compile_for_inference(int8), None
+        if stack == CPP_WRAPPER:
+            torch._inductor.config.freezing = True
+            options = {"cpp_wrapper": True}
+            return torch.compile(int8, backend="inductor", dynamic=False, options=options), None
+        exported = export_int8(int8, calibration[0], folder / "model_int8.pt2")
+        package = build_aoti_package(exported, folder / "model_int8_aoti.pt2")
+        counts = count_quantized_ops(aoti_package_source(package))
+        return torch._inductor.aoti_load_package(str(package)), (
+            counts["conv"] + counts["linear"],
+            layers,
+        )
+    if stack == QATDIST_OPENVINO:
+        xml = folder / openvino_ir.XML
+        openvino_ir.export_ir(_calibrated_ptq(fp32, calibration), calibration[0], xml)
+        return _openvino_stack(xml, threads)
+    if stack == "inductor_fp32":
+        return compile_for_inference(copy.deepcopy(fp32)), None
+    if stack == "openvino_fp32":
+        return _openvino_stack(_openvino_model(fp32, calibration[0]), threads)
+    if stack == "openvino_int8":
+        import nncf
+
+        dataset = nncf.Dataset([x.numpy() for x in calibration])
+        model = _openvino_model(fp32, calibration[0])
+        return _openvino_stack(nncf.quantize(model, dataset, subset_size=len(calibration)), threads)
+    if stack == "ort_int8":
+        return _ort_stack(fp32, calibration, threads, folder)
+    raise ValueError(f"unknown stack {stack!r}; known: {', '.join(REQUIRES)}")
 
 
-def _build(stack_group: str, build: Callable[[], dict], skipped: dict, names: set[str]) -> dict:
-    """`build()`, or {} with every stack of the group listed in `skipped` and the error."""
-    try:
-        return build()
-    except Exception as e:  # a peer's failure is reported and the others still run
-        for name in names:
-            skipped[name] = f"{stack_group} failed: {type(e).__name__}: {e}"[:500]
-        return {}
+def _serve_stack(conn, stack: str, settings: dict) -> None:
+    """A stack's process: build it, judge its first output, then time calls on request.
+
+    Replies on `conn`: ("ready", {agreement, build_s, first_call_s}) or ("skipped", reason);
+    then to ("warm", b) ("warm", None) and to ("time", b, n) ("times", [ms per call]), to
+    ("stop",) nothing. Any failure after "ready" is sent as ("failed", reason)."""
+    torch.set_num_threads(settings["threads"])
+    calibration, held_out, examples = inputs(
+        settings["seed"],
+        settings["image_size"],
+        settings["calib_batches"],
+        settings["calib_batch_size"],
+        settings["batch_sizes"],
+    )
+    fp32 = seeded_model(settings["model_name"], settings["seed"], calibration)
+    with tempfile.TemporaryDirectory(prefix=f"qatdist-{stack}-") as folder, torch.no_grad():
+        try:
+            start = time.perf_counter()
+            forward, kernels = build_stack(
+                stack, fp32, calibration, settings["threads"], Path(folder)
+            )
+            build_s = time.perf_counter() - start
+            start = time.perf_counter()
+            if stack in (QATDIST, CPP_WRAPPER):  # the first call compiles: count int8 kernels
+                output, codes = run_and_get_code(forward, held_out)
+                counts = count_quantized_ops("\n".join(codes))
+                layers = sum(
+                    isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp32.modules()
+                )
+                kernels = (counts["conv"] + counts["linear"], layers)
+            else:
+                output = forward(held_out)
+            first_call_s = time.perf_counter() - start
+        except Exception as e:  # a peer's failure is reported and the others still run
+            conn.send(("skipped", f"build failed: {type(e).__name__}: {e}"[:500]))
+            return
+        measured = agreement(output, fp32(held_out), stack)
+        if kernels is not None:
+            measured["int8_kernels"] = list(kernels)
+        if reason := _not_timed(stack, measured):
+            conn.send(("skipped", reason))
+            return
+        conn.send(("ready", {"agreement": measured, "build_s": build_s, "first_s": first_call_s}))
+        while (request := conn.recv())[0] != "stop":
+            try:
+                if request[0] == "warm":  # Inductor compiles each static shape here
+                    forward(examples[request[1]])
+                    conn.send(("warm", None))
+                else:
+                    _, b, n = request
+                    times = []
+                    for _ in range(n):
+                        start = time.perf_counter()
+                        forward(examples[b])
+                        times.append((time.perf_counter() - start) * 1000.0)
+                    conn.send(("times", times))
+            except Exception as e:
+                conn.send(("failed", f"{type(e).__name__}: {e}"[:500]))
+
+
+class _StackProcess:
+    """The parent's handle on one stack's process (`_serve_stack`)."""
+
+    def __init__(self, stack: str, settings: dict) -> None:
+        self.stack = stack
+        self.conn, child = multiprocessing.Pipe()
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no shared pools
+        self.process = context.Process(
+            target=_serve_stack, args=(child, stack, settings), daemon=True
+        )
+        self.process.start()
+        child.close()  # only the child holds it now: its death reads as EOF here
+
+    def receive(self) -> tuple:
+        """The process's next reply; ("failed", why) when it died. Waits as long as the
+        process lives (a resnet50 AOTI build takes minutes), never past its death."""
+        while not self.conn.poll(1.0):
+            if not self.process.is_alive():
+                break
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            return ("failed", f"its process died (exit code {self.process.exitcode})")
+
+    def ask(self, *request) -> tuple:
+        try:
+            self.conn.send(request)
+        except (BrokenPipeError, ConnectionResetError):
+            return ("failed", f"its process died (exit code {self.process.exitcode})")
+        return self.receive()
+
+    def close(self) -> None:
+        try:
+            self.conn.send(("stop",))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
 
 def peer_latency(
@@ -321,91 +448,73 @@ def peer_latency(
     per_round: int = 3,
     seed: int = 0,
     stacks: tuple[str, ...] = STACKS,
+    progress: Callable[[str], None] = lambda line: None,
 ) -> dict:
     """Latency (interleaved medians, ms) of each runnable stack at each batch size, agreement
-    with eager fp32, `int8_vs_best_peer` per batch size, and {stack: reason} for what did not
-    run. See the module docstring for the stacks and the agreement criterion."""
-    torch.set_num_threads(threads)
-    torch._dynamo.reset()  # earlier models' compiled graphs would count against the cache limit
-    generator = torch.Generator().manual_seed(seed + 1)
-    shape = (3, image_size, image_size)
-    calibration = [
-        torch.randn(calib_batch_size, *shape, generator=generator) for _ in range(calib_batches)
-    ]
-    # At the largest batch size measured, so that the compile it triggers is reused there.
-    held_out = torch.randn(max(batch_sizes), *shape, generator=generator)
-    fp32 = seeded_model(model_name, seed, calibration)
+    with eager fp32, `int8_vs_best_peer` and the fastest qatdist artifact per batch size, and
+    {stack: reason} for what did not run. See the module docstring for the stacks, the
+    agreement criterion and the timing; `progress` receives a line per stack built."""
+    if per_round < 2:
+        raise ValueError("per_round must be >= 2: the first call of each run is discarded")
+    if unknown := [s for s in stacks if s not in REQUIRES]:
+        raise ValueError(f"unknown stack(s) {unknown}; known: {', '.join(REQUIRES)}")
+    if CPP_WRAPPER in stacks and QATDIST not in stacks:
+        raise ValueError(f"{CPP_WRAPPER} is measured beside {QATDIST}: ask for both")
+    settings = {
+        "model_name": model_name,
+        "seed": seed,
+        "threads": threads,
+        "image_size": image_size,
+        "calib_batches": calib_batches,
+        "calib_batch_size": calib_batch_size,
+        "batch_sizes": tuple(batch_sizes),
+    }
     skipped = missing_packages(stacks)
-    want = {s for s in stacks if s not in skipped}
-    forwards: dict[str, Callable] = {}
+    agreements: dict[str, dict] = {}
     build_s: dict[str, float] = {}
-    kernels: dict[str, tuple[int, int]] = {}  # stack: (int8 conv/linear kernels, all of them)
-    start = time.perf_counter()
-    inductor = {QATDIST, "inductor_fp32"} & want
-    forwards |= _build(
-        "inductor", lambda: _inductor_forwards(fp32, calibration, want), skipped, inductor
-    )
-    build_s["inductor_convert"] = time.perf_counter() - start
-    openvino = {"openvino_int8", "openvino_fp32"} & want
-    if openvino:
-        start = time.perf_counter()
-        forwards |= _build(
-            "openvino",
-            lambda: _openvino_forwards(fp32, calibration, threads, openvino, kernels),
-            skipped,
-            openvino,
-        )
-        build_s["openvino"] = time.perf_counter() - start
-    if "ort_int8" in want:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="qatdist-ort-") as folder:
-            forwards |= _build(
-                "onnxruntime",
-                lambda: {
-                    "ort_int8": _ort_forward(fp32, calibration, threads, Path(folder), kernels)
-                },
-                skipped,
-                {"ort_int8"},
-            )
-        build_s["onnxruntime"] = time.perf_counter() - start
-
-    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp32.modules())
-    with torch.no_grad():
-        reference = fp32(held_out)
-        agreements = {}
-        for name in list(forwards):  # qatdist's first: run_and_get_code resets Dynamo's caches
+    running: dict[str, _StackProcess] = {}
+    try:
+        for stack in (s for s in stacks if s not in skipped):  # one build at a time
             start = time.perf_counter()
-            try:  # the first call is where Inductor compiles; a failure there skips the stack
-                if name == QATDIST:
-                    output, codes = run_and_get_code(forwards[name], held_out)
-                    counts = count_quantized_ops("\n".join(codes))
-                    kernels[name] = (counts["conv"] + counts["linear"], layers)
-                else:
-                    output = forwards[name](held_out)
-            except Exception as e:
-                skipped[name] = f"first call failed: {type(e).__name__}: {e}"[:500]
-                del forwards[name]
+            process = _StackProcess(stack, settings)
+            kind, detail = process.receive()
+            if kind != "ready":
+                skipped[stack] = detail if kind == "skipped" else f"build failed: {detail}"
+                process.close()
                 continue
-            build_s[f"{name}_first_call"] = time.perf_counter() - start
-            agreements[name] = agreement(output, reference, name)
-            if name in kernels:
-                agreements[name]["int8_kernels"] = list(kernels[name])
-            if reason := _not_timed(name, agreements[name]):
-                skipped[name] = reason
-                del forwards[name]
-
-    rows = []
-    for b in batch_sizes:
-        example = torch.randn(b, *shape, generator=generator)
-        with torch.no_grad():
-            for name in list(forwards):  # Inductor compiles each static shape here
-                try:
-                    forwards[name](example)
-                except Exception as e:
-                    skipped[name] = f"failed at batch {b}: {type(e).__name__}: {e}"[:500]
-                    del forwards[name]
-        ms = interleaved_rounds_ms(forwards, example, rounds, per_round) if forwards else {}
-        rows.append({"batch_size": b, "ms": ms, "int8_vs_best_peer": int8_vs_best_peer(ms)})
+            running[stack] = process
+            agreements[stack] = detail["agreement"]
+            build_s[stack] = detail["build_s"]
+            build_s[f"{stack}_first_call"] = detail["first_s"]
+            progress(f"{stack}: built in {time.perf_counter() - start:.0f} s")
+        rows = []
+        for b in batch_sizes:
+            for stack in list(running):
+                if (reply := running[stack].ask("warm", b))[0] != "warm":
+                    skipped[stack] = f"failed at batch {b}: {reply[1]}"
+                    running.pop(stack).close()
+            times: dict[str, list[float]] = {stack: [] for stack in running}
+            for _ in range(rounds):
+                for stack in list(running):
+                    kind, detail = running[stack].ask("time", b, per_round)
+                    if kind != "times":
+                        skipped[stack] = f"failed at batch {b}: {detail}"
+                        running.pop(stack).close()
+                        del times[stack]
+                        continue
+                    times[stack] += detail[1:]
+            ms = {stack: statistics.median(values) for stack, values in times.items()}
+            rows.append(
+                {
+                    "batch_size": b,
+                    "ms": ms,
+                    "int8_vs_best_peer": int8_vs_best_peer(ms),
+                    "fastest_qatdist": fastest_qatdist(ms),
+                }
+            )
+    finally:
+        for process in running.values():
+            process.close()
     return {
         "model": model_name,
         "image_size": image_size,

@@ -53,9 +53,10 @@ TARGETS = {
     ("final_model_vs_hand_flow", None): ("<=", 1.05),
 }
 
-# Written by --peers (instead of the keys above): latencies per model, batch and stack; qatdist's
-# int8 over the fastest peer int8 per model and batch, and its geomean per batch; each stack's
-# agreement with eager fp32; what could not run and why; the peer packages' versions.
+# Written by --peers (instead of the keys above): latencies per model, batch and stack; the
+# fastest qatdist int8 artifact over the fastest peer int8 per model and batch, and its geomean
+# per batch; each stack's agreement with eager fp32; what could not run and why; the peer
+# packages' versions; which qatdist artifact was the fastest per model and batch.
 PEER_JSON_KEYS = (
     "peer_latency_ms",
     "int8_vs_best_peer",
@@ -63,6 +64,7 @@ PEER_JSON_KEYS = (
     "peer_agreement",
     "peer_skipped",
     "peer_versions",
+    "fastest_qatdist_artifact",
 )
 PEER_BATCH_SIZES = (1, 32)
 
@@ -99,10 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peers",
         action="store_true",
-        help="Instead of the figures above: qatdist's int8 (PTQ, Inductor freezing) against "
-        "OpenVINO + NNCF and ONNX Runtime int8, and Inductor / OpenVINO fp32, on torchvision "
-        f"models at 224x224, batch {' and '.join(map(str, PEER_BATCH_SIZES))}, interleaved "
-        "(needs the `peers` extra; stacks whose packages are missing are listed, not run). "
+        help="Instead of the figures above: qatdist's int8 artifacts (PTQ; Inductor freezing, "
+        "the AOTI package, the OpenVINO IR) against OpenVINO + NNCF and ONNX Runtime int8, and "
+        "Inductor / OpenVINO fp32, on torchvision models at 224x224, batch "
+        f"{' and '.join(map(str, PEER_BATCH_SIZES))}, each stack in its own process, "
+        "interleaved (needs the `peers` extra; stacks whose packages are missing are listed, "
+        "not run). "
         f"Models: {','.join(INT8_MODELS)} (--quick: resnet18, fewer iterations).",
     )
     parser.add_argument(
@@ -293,8 +297,10 @@ def run(plan: Plan, threads: int, quick: bool) -> dict:
 
 
 _STACK_LABELS = {
-    "qatdist_int8": "qatdist int8",
-    "openvino_int8": "OpenVINO int8",
+    "qatdist_int8": "qatdist int8 (Inductor)",
+    "qatdist_int8_aoti": "qatdist int8 AOTI",
+    "qatdist_int8_openvino": "qatdist int8 OpenVINO IR",
+    "openvino_int8": "OpenVINO int8 (NNCF)",
     "ort_int8": "ORT int8",
     "inductor_fp32": "Inductor fp32",
     "openvino_fp32": "OpenVINO fp32",
@@ -357,6 +363,7 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
             threads=threads,
             rounds=3 if quick else 10,
             stacks=peers.STACKS + (peers.LEVERS if cpp_wrapper else ()),
+            progress=lambda line: print(f"  {line}", flush=True),
         )
         rows += r["rows"]
         results["peer_latency_ms"][name] = {str(row["batch_size"]): row["ms"] for row in r["rows"]}
@@ -365,6 +372,9 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
         }
         results["peer_agreement"][name] = r["agreement"]
         results["peer_skipped"][name] = r["skipped"]
+        results["fastest_qatdist_artifact"][name] = {
+            str(row["batch_size"]): row.get("fastest_qatdist") for row in r["rows"]
+        }
         for stack, a in r["agreement"].items():
             kernels = a.get("int8_kernels")
             print(
@@ -380,7 +390,8 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
             print(
                 f"  batch {row['batch_size']}: "
                 + ", ".join(f"{s} {ms:.2f}" for s, ms in row["ms"].items())
-                + f"; int8_vs_best_peer {'-' if ratio is None else f'{ratio:.3f}'}",
+                + f"; int8_vs_best_peer {'-' if ratio is None else f'{ratio:.3f}'}"
+                + (f" ({row['fastest_qatdist']})" if row.get("fastest_qatdist") else ""),
                 flush=True,
             )
     results["int8_vs_best_peer_geomean"] = {
@@ -421,7 +432,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.peers:
         results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
         geomean = results["int8_vs_best_peer_geomean"]
-        print("\n## Summary (latency ms; int8_vs_best_peer < 1: qatdist's int8 is faster)\n")
+        print(
+            "\n## Summary (latency ms; int8_vs_best_peer: the fastest qatdist artifact over the "
+            "fastest peer int8, < 1: qatdist is faster)\n"
+        )
         print(peers_table(results))
         print(
             "\nint8_vs_best_peer geomean: "

@@ -22,6 +22,19 @@ def test_int8_vs_best_peer_takes_the_fastest_peer_int8():
     assert peers.int8_vs_best_peer({"openvino_int8": 3.0}) is None
 
 
+def test_int8_vs_best_peer_takes_qatdists_fastest_artifact_and_names_it():
+    ms = {
+        "qatdist_int8": 3.0,
+        "qatdist_int8_aoti": 2.4,
+        "qatdist_int8_openvino": 2.2,
+        "qatdist_int8_cpp_wrapper": 1.0,  # a lever, not an artifact qatdist ships
+        "openvino_int8": 2.0,
+    }
+    assert peers.fastest_qatdist(ms) == "qatdist_int8_openvino"
+    assert peers.int8_vs_best_peer(ms) == pytest.approx(1.1)
+    assert peers.fastest_qatdist({"openvino_int8": 1.0, "qatdist_int8_cpp_wrapper": 1.0}) is None
+
+
 def test_geomean_is_per_batch_size_over_measured_rows():
     rows = [
         {"batch_size": 1, "int8_vs_best_peer": 2.0},
@@ -69,6 +82,7 @@ def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch,
         ]
         for row in rows:
             row["int8_vs_best_peer"] = peers.int8_vs_best_peer(row["ms"])
+            row["fastest_qatdist"] = peers.fastest_qatdist(row["ms"])
         ok = {"rel_error": 0.01, "bound": 0.25, "ok": True, "top1_agreement": 0.5}
         return {
             "rows": rows,
@@ -84,9 +98,35 @@ def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch,
     assert tuple(results) == script.PEER_JSON_KEYS
     assert results["int8_vs_best_peer"] == {"resnet18": {"1": 2.0, "32": 2.0}}
     assert results["int8_vs_best_peer_geomean"] == {"1": 2.0, "32": 2.0}
+    assert results["fastest_qatdist_artifact"] == {
+        "resnet18": {"1": "qatdist_int8", "32": "qatdist_int8"}
+    }
     printed = capsys.readouterr().out
     assert "openvino_int8: could not run: package(s) openvino not installed" in printed
     assert "| resnet18 | 1 | 2.00 | - | 1.00 | - | - | 2.00 |" in printed
+
+
+def test_each_stack_runs_in_its_own_process_and_is_judged_before_timing():
+    """Without the peers: Inductor fp32 of a small resnet18 built, judged and timed in a
+    process of its own; an unknown stack is refused before any process starts."""
+    result = peers.peer_latency(
+        "resnet18",
+        batch_sizes=(1, 2),
+        image_size=32,
+        calib_batches=2,
+        calib_batch_size=4,
+        rounds=2,
+        per_round=2,
+        stacks=("inductor_fp32",),
+    )
+    assert result["skipped"] == {}
+    assert result["agreement"]["inductor_fp32"]["rel_error"] < peers.FP32_REL_ERROR_BOUND
+    assert [row["batch_size"] for row in result["rows"]] == [1, 2]
+    for row in result["rows"]:
+        assert set(row["ms"]) == {"inductor_fp32"} and row["ms"]["inductor_fp32"] > 0
+        assert row["int8_vs_best_peer"] is None and row["fastest_qatdist"] is None
+    with pytest.raises(ValueError, match="unknown stack"):
+        peers.peer_latency("resnet18", stacks=("tensorrt_int8",))
 
 
 @pytest.mark.skipif(
@@ -94,8 +134,9 @@ def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch,
     reason="OpenVINO / NNCF not installed (the optional `peers` extra)",
 )
 def test_openvino_stacks_run_on_a_small_model():
-    """OpenVINO fp32 and NNCF int8 of resnet18 at 64x64: outputs within the bounds, every
-    convolution and the linear an int8 kernel at run time, positive latencies."""
+    """OpenVINO fp32, NNCF int8 and qatdist's OpenVINO IR of resnet18 at 64x64: outputs within
+    the bounds, every convolution and the linear an int8 kernel at run time, positive
+    latencies, qatdist's IR compared with NNCF's int8."""
     result = peers.peer_latency(
         "resnet18",
         batch_sizes=(2,),
@@ -104,14 +145,19 @@ def test_openvino_stacks_run_on_a_small_model():
         calib_batch_size=8,
         rounds=1,
         per_round=2,
-        stacks=("openvino_fp32", "openvino_int8"),
+        stacks=("openvino_fp32", "openvino_int8", "qatdist_int8_openvino"),
     )
     assert result["skipped"] == {}
     assert result["agreement"]["openvino_fp32"]["ok"]
-    assert result["agreement"]["openvino_int8"]["ok"]
-    assert result["agreement"]["openvino_int8"]["int8_kernels"] == [21, 21]
+    for int8 in ("openvino_int8", "qatdist_int8_openvino"):
+        assert result["agreement"][int8]["ok"]
+        assert result["agreement"][int8]["int8_kernels"] == [21, 21]
     assert result["agreement"]["openvino_fp32"]["int8_kernels"][0] == 0
     ms = result["rows"][0]["ms"]
-    assert set(ms) == {"openvino_fp32", "openvino_int8"}
+    assert set(ms) == {"openvino_fp32", "openvino_int8", "qatdist_int8_openvino"}
     assert all(math.isfinite(v) and v > 0 for v in ms.values())
-    assert result["rows"][0]["int8_vs_best_peer"] is None  # qatdist's stack was not asked for
+    row = result["rows"][0]
+    assert row["fastest_qatdist"] == "qatdist_int8_openvino"
+    assert row["int8_vs_best_peer"] == pytest.approx(
+        ms["qatdist_int8_openvino"] / ms["openvino_int8"]
+    )
