@@ -212,6 +212,11 @@ class RuntimeConfig:
     latency_batch_size: int = _f(32, "Batch size of the final int8/fp32 latency comparison.")
     latency_iters: int = _f(20, "Timed iterations of the final latency comparison.")
     compile_final: bool = _f(True, "Compile the final int8 model with Inductor (freezing).")
+    final_openvino: bool = _f(
+        False,
+        "Also write the OpenVINO IR (model_int8_openvino.xml/.bin) into final/, measured beside "
+        "Inductor's int8; needs the openvino package (pip install -e '.[peers]').",
+    )
     require_full_quantization: bool = _f(
         False,
         "Fail the run when the compiled model holds fewer quantized convolutions/linears than "

@@ -5,6 +5,7 @@ library is imported here: a bad config is refused in well under a second."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 from pathlib import Path
 
 from qatdist.config import GRAD_COMPRESSION, Config, ConfigError, DataConfig, QuantConfig
@@ -193,6 +194,11 @@ def _check_runtime(cfg: Config) -> None:
     _require(r.timeout_s >= 1, "runtime.timeout_s", "an integer >= 1", r.timeout_s)
     _require(r.latency_batch_size >= 1, "runtime.latency_batch_size", ">= 1", r.latency_batch_size)
     _require(r.latency_iters >= 1, "runtime.latency_iters", ">= 1", r.latency_iters)
+    if r.final_openvino and importlib.util.find_spec("openvino") is None:
+        raise ConfigError(
+            "runtime.final_openvino: true needs the openvino package, which is not installed "
+            "(pip install -e '.[peers]')"
+        )
 
 
 def expand_shards(pattern: str) -> list[str]:

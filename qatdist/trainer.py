@@ -425,6 +425,7 @@ class Trainer:
             out_dir=self.run.final,
             compile_model=r.compile_final,
             aoti=False,
+            openvino=r.final_openvino,
             report=report,
             require_full_quantization=r.require_full_quantization,
             eval_mismatch=final.eval_mismatch,

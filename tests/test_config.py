@@ -1,5 +1,6 @@
 """Config loading: precedence, strictness, validation, round trip, and every shipped config."""
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,22 @@ def test_rejections_name_the_key(tmp_path, shards, overrides, message):
     with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, ""), merged)
     assert message in str(err.value)
+
+
+def test_final_openvino_without_openvino_names_the_key_and_the_install(
+    tmp_path, shards, monkeypatch
+):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "openvino" else real(name)
+    )
+    merged = {"data": dict(shards), "runtime": {"final_openvino": True}}
+    with pytest.raises(ConfigError) as err:
+        config.load(write(tmp_path, ""), merged)
+    assert "runtime.final_openvino" in str(err.value)
+    assert "pip install -e '.[peers]'" in str(err.value)
+    merged["runtime"]["final_openvino"] = False
+    assert config.load(write(tmp_path, ""), merged).runtime.final_openvino is False
 
 
 def test_missing_and_invalid_file(tmp_path):
