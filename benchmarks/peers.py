@@ -43,8 +43,9 @@ Each stack lives in a process of its own (`_StackProcess`), built one after the 
 process the runtimes' thread pools (OpenMP, OpenVINO's TBB, ORT's pool) contend for the cores
 and inflated a few-millisecond call 2-3x (docs/performance.md). Timing stays side by side:
 interleaved rounds, in each of which the parent asks every stack's process in turn for
-`per_round` consecutive calls (the others wait on their pipe, idle); the first call of each run
-is discarded (it absorbs the previous stack's threads still spinning), medians of the rest.
+`per_round` consecutive calls (the others wait on their pipe, idle), after `SETTLE_S` of idle
+time; the first call of each run is discarded (a cold cache, threads waking), medians of the
+rest.
 
 The peers are optional (`pip install -e '.[peers]'`): a stack whose package is missing, or whose
 build fails, is listed in `skipped` with the reason, and the others still run.
@@ -99,6 +100,9 @@ REQUIRES = {
 }
 ORT_INT8_OPS = ("QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger")
 ORT_FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+# Idle time before each stack's run of calls: the previous process's threads (OpenMP, TBB,
+# ORT's pool) spin for a while after its last call before they sleep.
+SETTLE_S = 0.05
 FP32_REL_ERROR_BOUND = 1e-3
 INT8_REL_ERROR_BOUND = 0.5
 INSTALL_HINT = openvino_ir.INSTALL_HINT
@@ -496,6 +500,7 @@ def peer_latency(
             times: dict[str, list[float]] = {stack: [] for stack in running}
             for _ in range(rounds):
                 for stack in list(running):
+                    time.sleep(SETTLE_S)  # the previous stack's threads stop spinning
                     kind, detail = running[stack].ask("time", b, per_round)
                     if kind != "times":
                         skipped[stack] = f"failed at batch {b}: {detail}"
