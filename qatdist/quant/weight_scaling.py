@@ -13,7 +13,9 @@ same product, bitwise; backward: the weight's gradient bitwise, the scale's with
 rounding, a sum in another order). Only the nodes' targets change: the graph keeps its nodes,
 names and arguments, so whatever reads the graph (observer names, layer taps, sync) sees
 what it saw. `restore_weight_scaling(gm)` points them back; `convert_pt2e` needs the original
-`mul` to recognise the conv-BN pattern it folds.
+`mul` to recognise the conv-BN pattern it folds (and fails on a `ScaledWeight` otherwise):
+`convert_to_int8` restores them on its copy, and code calling torchao's `convert_pt2e` on a
+prepared model directly must call `restore_weight_scaling` first.
 """
 
 from __future__ import annotations
