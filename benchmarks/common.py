@@ -17,14 +17,21 @@ from qatdist.step import train_step
 NUM_CLASSES = 10
 
 
-def qat_model(name: str, seed: int, image_size: int, fast_fake_quant: bool = True) -> QatModel:
+def qat_model(
+    name: str,
+    seed: int,
+    image_size: int,
+    fast_fake_quant: bool = True,
+    fused_weight_scaling: bool = True,
+) -> QatModel:
     """qatdist's QAT model (`QatModel.build`), in the default schedule's phase at step 0: fake
     quant on, observers on, BatchNorm not frozen. Its `fp32_model` is the same seeded model
     before capture (the fp32 baseline). `fast_fake_quant=False` keeps torchao's fake-quant op
-    (the reference the fast kernels are measured against)."""
+    (the reference the fast kernels are measured against); `fused_weight_scaling=False` keeps
+    the conv-BN weight scaling as torchao's separate `mul`."""
     return QatModel.build(
         ModelConfig(name=name),
-        QuantConfig(fast_fake_quant=fast_fake_quant),
+        QuantConfig(fast_fake_quant=fast_fake_quant, fused_weight_scaling=fused_weight_scaling),
         num_classes=NUM_CLASSES,
         image_size=image_size,
         seed=seed,

@@ -34,10 +34,12 @@ def qat_step_ratio(
     torch.set_num_threads(threads)
     qat = qat_model(model_name, seed, image_size)
     torchao_op = qat_model(model_name, seed, image_size, fast_fake_quant=False).prepared
+    unfused = qat_model(model_name, seed, image_size, fused_weight_scaling=False).prepared
     steps = {
         "fp32": bound_train_step(qat.fp32_model.train()),
         "qat": bound_train_step(qat.prepared),
         "qat_torchao_op": bound_train_step(torchao_op),
+        "qat_unfused_weight_scaling": bound_train_step(unfused),
     }
     images, labels = synthetic_batch(batch_size, image_size, seed)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -49,6 +51,7 @@ def qat_step_ratio(
                 times[name].append((time.perf_counter() - start) * 1000)
     fp32_ms, qat_ms = statistics.median(times["fp32"]), statistics.median(times["qat"])
     torchao_op_ms = statistics.median(times["qat_torchao_op"])
+    unfused_ms = statistics.median(times["qat_unfused_weight_scaling"])
     return {
         "model": model_name,
         "shape": [batch_size, 3, image_size, image_size],
@@ -59,6 +62,8 @@ def qat_step_ratio(
         "ratio": qat_ms / fp32_ms,
         "qat_torchao_op_ms": torchao_op_ms,
         "ratio_torchao_op": torchao_op_ms / fp32_ms,
+        "qat_unfused_weight_scaling_ms": unfused_ms,
+        "ratio_unfused_weight_scaling": unfused_ms / fp32_ms,
     }
 
 

@@ -122,6 +122,11 @@ class QuantConfig:
         "Run fake-quant modules with vectorized (Inductor) kernels, same results as torchao's "
         "op (false: torchao's FusedMovingAvgObsFakeQuantize forward).",
     )
+    fused_weight_scaling: bool = _f(
+        True,
+        "With fast_fake_quant: compute the conv-BN QAT weight scaling (weight * gamma/sigma) "
+        "inside the weight fake-quant kernels (false: as the separate mul torchao inserts).",
+    )
     ptq_calibration_batches: int = _f(
         32,
         "Train batches (split across ranks) that calibrate the post-training-quantization "

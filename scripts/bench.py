@@ -38,8 +38,13 @@ JSON_KEYS = (
     "final_model_vs_hand_flow",
 )
 # Written after the contract keys: the same measurements with a lever switched, for reference
-# (QAT with torchao's own fake-quant op; DDP with runtime.grad_compression = "bf16").
-REFERENCE_KEYS = ("qat_step_ratio_torchao_op", "ddp_scaling_ratio_bf16_grads")
+# (QAT with torchao's own fake-quant op; QAT with quant.fused_weight_scaling = false; DDP
+# with runtime.grad_compression = "bf16").
+REFERENCE_KEYS = (
+    "qat_step_ratio_torchao_op",
+    "qat_step_ratio_unfused_weight_scaling",
+    "ddp_scaling_ratio_bf16_grads",
+)
 
 # The project's targets: (figure, model) -> (comparison, bound). Model None: a single number;
 # "*": every model measured (or expected) for that figure.
@@ -211,11 +216,16 @@ def _training_figures(plan: Plan, threads: int, results: dict) -> None:
         )
         results["qat_step_ratio"][name] = r["ratio"]
         results.setdefault("qat_step_ratio_torchao_op", {})[name] = r["ratio_torchao_op"]
+        results.setdefault("qat_step_ratio_unfused_weight_scaling", {})[name] = r[
+            "ratio_unfused_weight_scaling"
+        ]
         print(
             f"{name}: input {_shape(r['shape'])}, {r['threads']} threads, {r['iters']} steps "
             f"each: QAT {r['qat_ms']:.1f} ms, fp32 {r['fp32_ms']:.1f} ms -> {r['ratio']:.3f} "
             f"(QAT with torchao's fake-quant op {r['qat_torchao_op_ms']:.1f} ms -> "
-            f"{r['ratio_torchao_op']:.3f})",
+            f"{r['ratio_torchao_op']:.3f}; with quant.fused_weight_scaling=false "
+            f"{r['qat_unfused_weight_scaling_ms']:.1f} ms -> "
+            f"{r['ratio_unfused_weight_scaling']:.3f})",
             flush=True,
         )
 

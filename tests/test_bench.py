@@ -181,6 +181,7 @@ def test_script_writes_exactly_the_contract_keys(figures, monkeypatch, tmp_path,
     results = json.loads(out.read_text())
     assert tuple(results) == script.JSON_KEYS + script.REFERENCE_KEYS
     assert list(results["qat_step_ratio_torchao_op"]) == ["resnet18"]
+    assert list(results["qat_step_ratio_unfused_weight_scaling"]) == ["resnet18"]
     assert _positive_finite(results["ddp_scaling_ratio_bf16_grads"])
     assert list(results["qat_step_ratio"]) == ["resnet18"]
     assert list(results["int8_speedup"]) == ["resnet18"]

@@ -176,7 +176,9 @@ def test_prepared_model_trains_and_converts_identically(kernel_calls):
     torch.manual_seed(0)
     graph = capture(_ConvBnNet(), torch.randn(2, 3, 32, 32))
     reference = prepare_qat(copy.deepcopy(graph), QuantConfig(fast_fake_quant=False))
-    fast = prepare_qat(graph, QuantConfig())
+    # The weight scaling in the kernels sums BatchNorm's gradient in another order (its own
+    # test: test_weight_scaling.py); here the fake quants alone, bit for bit.
+    fast = prepare_qat(graph, QuantConfig(fused_weight_scaling=False))
     fake_quants = [m for m in fast.modules() if isinstance(m, FusedMovingAvgObsFakeQuantize)]
     assert fake_quants and all(type(m) is FastFusedFakeQuantize for m in fake_quants)
     assert not any(type(m) is FastFusedFakeQuantize for m in reference.modules())

@@ -19,6 +19,7 @@ from qatdist.quant.batchnorm import fold_with_model_bn_eps
 from qatdist.quant.ceil_pool import rewrite_ceil_mode_int8_max_pools
 from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.schedule import to_eval
+from qatdist.quant.weight_scaling import restore_weight_scaling
 
 
 def convert_to_int8(
@@ -30,8 +31,10 @@ def convert_to_int8(
     keeps each weight fp32 followed by its quantize/dequantize pair instead of an int8
     constant (what OpenVINO's frontend can read, `qatdist.openvino_ir`).
     """
+    prepared_copy = copy.deepcopy(prepared)
+    restore_weight_scaling(prepared_copy)  # the conv-BN fold matches the original `mul`
     with only_present_conv_types(), fold_with_model_bn_eps(prepared):
-        converted = convert_pt2e(copy.deepcopy(prepared), fold_quantize=fold_quantize)
+        converted = convert_pt2e(prepared_copy, fold_quantize=fold_quantize)
     to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
     rewrite_ceil_mode_int8_max_pools(converted)  # Inductor's int8 pool drops ceil_mode
     return converted

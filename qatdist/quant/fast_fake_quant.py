@@ -26,6 +26,8 @@ a few seconds the first time, then from Inductor's on-disk cache.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
 from torchao.quantization.pt2e.observer import (
@@ -138,9 +140,41 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
+def _scaled_observe_and_fake_quant(
+    rows,
+    row_scale,
+    running_min,
+    running_max,
+    constant: float,
+    quant_min: int,
+    quant_max: int,
+    symmetric: bool,
+    observe: bool,
+):
+    """`_observe_and_fake_quant` of `rows * row_scale[:, None]` (per channel): the conv-BN QAT
+    weight scaling computed inside the kernel instead of as a pass of its own."""
+    flat = rows * row_scale.unsqueeze(1)
+    return _observe_and_fake_quant(
+        flat, running_min, running_max, constant, quant_min, quant_max, symmetric, True, observe
+    )
+
+
+def _scaled_fake_quant_grad(
+    rows, row_scale, scale, zero_point, grad, quant_min: int, quant_max: int
+):
+    """Gradients of `fake_quant(rows * row_scale[:, None])` for `rows` and `row_scale`: the
+    straight-through estimator's, times the scale (bitwise what autograd's `mul` backward
+    computes) and summed per row against `rows` (the same sum, in the kernel's own order)."""
+    scaled = rows * row_scale.unsqueeze(1)
+    masked = _fake_quant_grad(scaled, scale, zero_point, grad, quant_min, quant_max, True)
+    return masked * row_scale.unsqueeze(1), (masked * rows).sum(dim=1)
+
+
 _observe_kernel = _compiled(_observe)
 _observe_and_fake_quant_kernel = _compiled(_observe_and_fake_quant)
 _fake_quant_grad_kernel = _compiled(_fake_quant_grad)
+_scaled_observe_and_fake_quant_kernel = _compiled(_scaled_observe_and_fake_quant)
+_scaled_fake_quant_grad_kernel = _compiled(_scaled_fake_quant_grad)
 
 
 def _rows(x: torch.Tensor, per_channel: bool) -> torch.Tensor:
@@ -197,11 +231,67 @@ class _ObserveAndFakeQuantize(torch.autograd.Function):
         )
 
 
+class _ScaledFakeQuantize(torch.autograd.Function):
+    """`_ObserveAndFakeQuantize` of `rows * row_scale[:, None]` with the product computed in
+    the kernels: one pass over the weight forward and one backward instead of three."""
+
+    @staticmethod
+    def forward(ctx, rows, row_scale, module, observe: bool):
+        observer = module.activation_post_process
+        rows, row_scale = rows.detach(), row_scale.detach()  # see `_flat`
+        out, new_min, new_max, scale, zero_point = _scaled_observe_and_fake_quant_kernel(
+            rows,
+            row_scale,
+            observer.min_val,
+            observer.max_val,
+            observer.averaging_constant,
+            observer.quant_min,
+            observer.quant_max,
+            module.is_symmetric_quant,
+            observe,
+        )
+        if observe:
+            observer.min_val.copy_(new_min)
+            observer.max_val.copy_(new_max)
+        write_resized(module.scale, scale)
+        write_resized(module.zero_point, zero_point)
+        ctx.save_for_backward(rows, row_scale, scale, zero_point)
+        ctx.args = (observer.quant_min, observer.quant_max)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, row_scale, scale, zero_point = ctx.saved_tensors
+        grad_rows, grad_scale = _scaled_fake_quant_grad_kernel(
+            rows, row_scale, scale, zero_point, grad.detach(), *ctx.args
+        )
+        return grad_rows, grad_scale, None, None
+
+
+class ScaledWeight(NamedTuple):
+    """A conv weight and its per-output-channel scale, not yet multiplied: what
+    `scaled_weight` hands a `FastFusedFakeQuantize` so the product is taken in its kernel
+    (`qatdist.quant.weight_scaling`)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor  # broadcastable against `weight`: (channels, 1, ..., 1)
+
+    def product(self) -> torch.Tensor:
+        """`weight * scale`, the node this stands for (same op, same autograd)."""
+        return torch.mul(self.weight, self.scale)
+
+
+def scaled_weight(weight: torch.Tensor, scale: torch.Tensor) -> ScaledWeight:
+    """Stands in the graph for `aten.mul.Tensor(weight, scale)` when the product's only user
+    is a `FastFusedFakeQuantize`."""
+    return ScaledWeight(weight, scale)
+
+
 class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     """`FusedMovingAvgObsFakeQuantize` with a vectorized forward (see the module docstring);
     same buffers, flags and `calculate_qparams`, same results as the ATen op."""
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:
+    def forward(self, X: torch.Tensor | ScaledWeight) -> torch.Tensor:
         observer = self.activation_post_process
         observe, fake_quant = bool(self.observer_enabled), bool(self.fake_quant_enabled)
         if not observe and fake_quant and observer.min_val.numel() == 0:
@@ -209,16 +299,16 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 f"{type(self).__name__}: fake quantization is enabled but the observer has "
                 "never seen data (enable the observer for at least one forward first)"
             )
+        if isinstance(X, ScaledWeight):
+            if not (fake_quant and self.is_per_channel and self._kernels_pay_off(X.weight)):
+                return self.forward(X.product())  # what the unfused graph computes
+            self._size_per_channel_buffers(X.weight, observe)
+            rows = _rows(X.weight, per_channel=True)
+            row_scale = X.scale.reshape(-1)
+            return _ScaledFakeQuantize.apply(rows, row_scale, self, observe).view(X.weight.shape)
         if not self._kernels_pay_off(X):
             return super().forward(X)  # the ATen op: cheaper here, and the same result
-        if observe and self.is_per_channel and observer.min_val.numel() != X.shape[0]:
-            # First observation: the ATen op sizes the per-channel buffers the same way (it
-            # leaves scale and zero point uninitialised until fake quant runs; here 1 and 0).
-            channels = X.shape[0]
-            observer.min_val.resize_(channels).fill_(float("inf"))
-            observer.max_val.resize_(channels).fill_(float("-inf"))
-            self.scale.resize_(channels).fill_(1.0)
-            self.zero_point.resize_(channels).fill_(0)
+        self._size_per_channel_buffers(X, observe)
         if not fake_quant:
             if observe:
                 new_min, new_max = _observe_kernel(
@@ -233,6 +323,17 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
             return X
         rows = _rows(X, self.is_per_channel)
         return _ObserveAndFakeQuantize.apply(rows, self, observe).view(X.shape)
+
+    def _size_per_channel_buffers(self, X: torch.Tensor, observe: bool) -> None:
+        observer = self.activation_post_process
+        if observe and self.is_per_channel and observer.min_val.numel() != X.shape[0]:
+            # First observation: the ATen op sizes the per-channel buffers the same way (it
+            # leaves scale and zero point uninitialised until fake quant runs; here 1 and 0).
+            channels = X.shape[0]
+            observer.min_val.resize_(channels).fill_(float("inf"))
+            observer.max_val.resize_(channels).fill_(float("-inf"))
+            self.scale.resize_(channels).fill_(1.0)
+            self.zero_point.resize_(channels).fill_(0)
 
     def _kernels_pay_off(self, X: torch.Tensor) -> bool:
         if X.numel() >= MIN_KERNEL_ELEMENTS:

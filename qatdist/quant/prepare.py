@@ -26,6 +26,7 @@ from qatdist.quant.conv_bn_patterns import only_present_conv_types
 from qatdist.quant.fast_annotate import fast_sequential_partitions
 from qatdist.quant.fast_fake_quant import use_fast_fake_quant
 from qatdist.quant.functional_activations import attribute_functional_activations
+from qatdist.quant.weight_scaling import defer_weight_scaling
 
 
 def _resolve_type(dotted: str) -> type:
@@ -123,11 +124,14 @@ def build_quantizer(
 
 def prepare_qat(graph_module: torch.fx.GraphModule, cfg: QuantConfig) -> torch.fx.GraphModule:
     """Insert fake-quant/observer modules for QAT into a captured graph module (with
-    vectorized kernels when `cfg.fast_fake_quant`); BatchNorm keeps the model's eps/momentum."""
+    vectorized kernels when `cfg.fast_fake_quant`, the conv-BN weight scaling inside them when
+    `cfg.fused_weight_scaling` too); BatchNorm keeps the model's eps/momentum."""
     model_bn = bn_literals(graph_module)
     with only_present_conv_types():
         prepared = prepare_qat_pt2e(graph_module, build_quantizer(cfg))
     restore_bn_literals(prepared, model_bn)  # the conv-BN rewrite reset them to 1e-5/0.1
     if cfg.fast_fake_quant:
         use_fast_fake_quant(prepared)
+        if cfg.fused_weight_scaling:
+            defer_weight_scaling(prepared)
     return prepared
