@@ -56,6 +56,9 @@ def test_two_nodes_via_c10d_rendezvous(tiny_shards, tmp_path):
             *tiny_run_args(
                 tiny_shards,
                 out_dir,
+                # the smallest model: what is checked here is the rendezvous and the syncs
+                "--model.name=tests.tiny_model:tiny_cnn",
+                "--quant.ptq_calibration_batches=0",
                 "--runtime.compile_final=false",
                 f"--runtime.cores={core}",
                 "--train.eval_every_epochs=0",
