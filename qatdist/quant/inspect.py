@@ -32,6 +32,7 @@ import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from qatdist.quant.constant_layers import input_dependent
+from qatdist.quant.fast_fake_quant import ScaledWeight
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -139,7 +140,10 @@ def weight_input(
         return out
 
     with torch.no_grad():
-        return value(node).detach()
+        weight = value(node)
+        if isinstance(weight, ScaledWeight):  # quant.fused_weight_scaling: the kernel multiplies
+            weight = weight.product()
+        return weight.detach()
 
 
 def fake_quantize(fake_quant: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
