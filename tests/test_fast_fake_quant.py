@@ -1,5 +1,6 @@
-"""qatdist's vectorized fake-quant forward against torchao's `FusedMovingAvgObsFakeQuantize`
-(the ATen op): same outputs, gradients and buffers, bit for bit, in every schedule phase."""
+"""qatdist's C++ fake-quant ops against torchao's `FusedMovingAvgObsFakeQuantize` (the ATen
+op): same outputs, gradients and buffers, bit for bit, in every schedule phase and at every
+size."""
 
 import copy
 
@@ -14,7 +15,7 @@ from torchao.quantization.pt2e.observer import (
 )
 
 from qatdist.config import QuantConfig
-from qatdist.quant import fast_fake_quant, schedule
+from qatdist.quant import native_ops, schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.fast_fake_quant import FastFusedFakeQuantize, use_fast_fake_quant
@@ -80,37 +81,32 @@ def _assert_same_step(reference, fast, x, qparams_set: bool = True):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of the compiled forward kernel (tensors below MIN_KERNEL_ELEMENTS use the
-    ATen op instead)."""
+    """Counts calls of qatdist's C++ fake-quant op (the input's element count each)."""
     calls = []
-    kernel = fast_fake_quant._observe_and_fake_quant_kernel
+    native_ops.load()
+    op = torch.ops.qatdist.fake_quantize
 
-    def counting(*args):
-        calls.append(args[0].numel())
-        return kernel(*args)
+    def counting(x, *args):
+        calls.append(x.numel())
+        return op(x, *args)
 
-    monkeypatch.setattr(fast_fake_quant, "_observe_and_fake_quant_kernel", counting)
+    monkeypatch.setattr(torch.ops.qatdist, "fake_quantize", counting)
     return calls
 
 
 @pytest.mark.parametrize(
-    "make, shape, uses_kernel",
+    "make, shape",
     [
-        (_activation_fake_quant, (8, 16, 16, 16), True),
-        (_weight_fake_quant, (128, 32, 3, 3), True),
-        (_weight_fake_quant, (fast_fake_quant.MIN_KERNEL_CHANNELS, 1, 3, 3), True),
-        (_activation_fake_quant, (4, 3, 8, 8), False),
-        (_weight_fake_quant, (6, 3, 3, 3), False),
+        (_activation_fake_quant, (8, 16, 16, 16)),
+        (_weight_fake_quant, (128, 32, 3, 3)),
+        (_weight_fake_quant, (256, 1, 3, 3)),
+        (_activation_fake_quant, (4, 3, 8, 8)),
+        (_weight_fake_quant, (6, 3, 3, 3)),
+        (_activation_fake_quant, (3, 5, 7)),
     ],
-    ids=[
-        "activation_kernel",
-        "weight_kernel",
-        "depthwise_kernel",
-        "activation_small",
-        "weight_small",
-    ],
+    ids=["activation", "weight", "depthwise", "activation_small", "weight_small", "odd_size"],
 )
-def test_bitwise_equal_to_torchao_in_every_phase(make, shape, uses_kernel, kernel_calls):
+def test_bitwise_equal_to_torchao_in_every_phase(make, shape, kernel_calls):
     reference, fast = _pair(make)
     phases = [
         (True, False),  # observing before fake quant starts
@@ -124,7 +120,7 @@ def test_bitwise_equal_to_torchao_in_every_phase(make, shape, uses_kernel, kerne
             module.observer_enabled.fill_(int(observe))
             module.fake_quant_enabled.fill_(int(fake_quant))
         _assert_same_step(reference, fast, _inputs(shape, step), qparams_set=step > 0)
-    assert len(kernel_calls) == (3 if uses_kernel else 0)  # the fake-quant phases
+    assert len(kernel_calls) == 3  # the fake-quant phases, whatever the size
     # Gradients are zero exactly where values were clamped, and some were.
     x = _inputs(shape, 7) * 20
     x.requires_grad_(True)
@@ -137,7 +133,7 @@ def test_linear_weights_and_degenerate_ranges_match(kernel_calls):
     """2-D weights, an all-zero channel, a constant channel and a tiny-range channel go through
     ATen's special cases (scale 0.1, the small-scale cut-off)."""
     reference, fast = _pair(_weight_fake_quant)
-    w = torch.randn(5, fast_fake_quant.MIN_KERNEL_ELEMENTS // 4)
+    w = torch.randn(5, 8195)
     w[1] = 0.0
     w[2] = 0.7
     w[3] = torch.linspace(-1e-6, 1e-6, w.shape[1])
@@ -146,17 +142,16 @@ def test_linear_weights_and_degenerate_ranges_match(kernel_calls):
     assert len(kernel_calls) == 2
 
 
-@pytest.mark.parametrize("rows", [4, fast_fake_quant.MIN_KERNEL_ELEMENTS])
-def test_fake_quant_before_any_observation_is_an_error(rows):
-    _, fast = _pair(_weight_fake_quant)
+@pytest.mark.parametrize("make", [_activation_fake_quant, _weight_fake_quant])
+def test_fake_quant_before_any_observation_is_an_error(make):
+    _, fast = _pair(make)
     fast.observer_enabled.fill_(0)
     with pytest.raises(RuntimeError, match="never seen data"):
-        fast(torch.randn(rows, 3))
+        fast(torch.randn(4, 3))
 
 
 class _ConvBnNet(nn.Module):
-    """Two conv-BN-ReLU blocks and a linear layer: large activations take the kernels, the
-    small weights and the classifier's input the ATen op."""
+    """Two conv-BN-ReLU blocks and a linear layer."""
 
     def __init__(self):
         super().__init__()
@@ -192,7 +187,7 @@ def test_prepared_model_trains_and_converts_identically(kernel_calls):
             optimizer.zero_grad()
             F.cross_entropy(model(images), labels).backward()
             optimizer.step()
-    assert kernel_calls  # the large activations went through the kernels
+    assert kernel_calls  # the fast modules ran qatdist's op
     assert reference.state_dict().keys() == fast.state_dict().keys()
     for name, value in reference.state_dict().items():
         assert torch.equal(value, fast.state_dict()[name]), name

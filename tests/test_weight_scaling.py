@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from qatdist.config import QuantConfig
-from qatdist.quant import fast_fake_quant, schedule
+from qatdist.quant import native_ops, schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.fast_fake_quant import scaled_weight
@@ -19,8 +19,7 @@ from qatdist.quant.weight_scaling import restore_weight_scaling
 
 
 class _ConvBnNet(nn.Module):
-    """Conv-BN layers with weights above and below the kernels' size threshold, a
-    depthwise one, and a conv with a bias."""
+    """Conv-BN layers: a small and a large weight, a depthwise one, and a conv with a bias."""
 
     def __init__(self):
         super().__init__()
@@ -71,17 +70,17 @@ def _assert_grads_close(fused, unfused):
 
 def test_outputs_buffers_and_gradients_match_the_unfused_graph(models, monkeypatch):
     fused, unfused = models
-    # stem (432 elements) keeps the unfused path; big and depthwise take the kernels.
     assert _deferred(fused) == 3 and _deferred(unfused) == 0
     assert fused.graph.python_code("self").src != unfused.graph.python_code("self").src
     calls = []
-    kernel = fast_fake_quant._scaled_observe_and_fake_quant_kernel
+    native_ops.load()
+    op = torch.ops.qatdist.scaled_fake_quantize
 
-    def counting(*args):
-        calls.append(args[0].shape)
-        return kernel(*args)
+    def counting(weight, *args):
+        calls.append(weight.shape)
+        return op(weight, *args)
 
-    monkeypatch.setattr(fast_fake_quant, "_scaled_observe_and_fake_quant_kernel", counting)
+    monkeypatch.setattr(torch.ops.qatdist, "scaled_fake_quantize", counting)
     for step in range(3):
         images, labels = _batch(step)
         outs = []
@@ -96,7 +95,7 @@ def test_outputs_buffers_and_gradients_match_the_unfused_graph(models, monkeypat
         assert fused_state.keys() == unfused_state.keys()
         for name, value in unfused_state.items():
             assert torch.equal(value, fused_state[name]), name
-    assert len(calls) == 2 * 3  # big and depthwise, each step
+    assert len(calls) == 3 * 3  # every conv-BN weight, each step
 
 
 def test_fake_quant_off_and_eval_follow_the_unfused_graph(models):
