@@ -280,6 +280,11 @@ def ort_int8_kernels(optimized: Path) -> tuple[int, int]:
     return int8, int8 + sum(op in ORT_FLOAT_OPS for op in ops)
 
 
+def _conv_linear_layers(model: torch.nn.Module) -> int:
+    """Convolution and linear layers of `model`: what an int8 stack should run in int8."""
+    return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+
+
 def _calibrated_ptq(fp32: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.nn.Module:
     """qatdist's PTQ-prepared model after the calibration batches (observers filled)."""
     prepared = prepare_ptq(
@@ -296,7 +301,6 @@ def build_stack(
 ) -> tuple[Callable, tuple[int, int] | None]:
     """(forward, int8 kernel count or None) of one stack, files in `folder`. Inductor's int8
     stacks compile at their first call (`build_first_call` counts their kernels there)."""
-    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp32.modules())
     if stack in (QATDIST, CPP_WRAPPER, AOTI):
         int8 = post_training_int8(
             copy.deepcopy(fp32),
@@ -314,10 +318,8 @@ def build_stack(
         exported = export_int8(int8, calibration[0], folder / "model_int8.pt2")
         package = build_aoti_package(exported, folder / "model_int8_aoti.pt2")
         counts = count_quantized_ops(aoti_package_source(package))
-        return torch._inductor.aoti_load_package(str(package)), (
-            counts["conv"] + counts["linear"],
-            layers,
-        )
+        kernels = (counts["conv"] + counts["linear"], _conv_linear_layers(fp32))
+        return torch._inductor.aoti_load_package(str(package)), kernels
     if stack == QATDIST_OPENVINO:
         xml = folder / openvino_ir.XML
         openvino_ir.export_ir(_calibrated_ptq(fp32, calibration), calibration[0], xml)
@@ -363,10 +365,7 @@ def _serve_stack(conn, stack: str, settings: dict) -> None:
             if stack in (QATDIST, CPP_WRAPPER):  # the first call compiles: count int8 kernels
                 output, codes = run_and_get_code(forward, held_out)
                 counts = count_quantized_ops("\n".join(codes))
-                layers = sum(
-                    isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in fp32.modules()
-                )
-                kernels = (counts["conv"] + counts["linear"], layers)
+                kernels = (counts["conv"] + counts["linear"], _conv_linear_layers(fp32))
             else:
                 output = forward(held_out)
             first_call_s = time.perf_counter() - start
