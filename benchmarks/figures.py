@@ -19,6 +19,30 @@ from qatdist.evaluate import side_by_side_latency_ms
 from qatdist.quant import compile_for_inference
 
 
+def _self_cpu_ms_per_op(step, images, labels, steps: int) -> dict[str, float]:
+    """Self CPU time per step (ms) of every op `torch.profiler` sees in `steps` calls of
+    `step`."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(images, labels)
+    return {e.key: e.self_cpu_time_total / 1000 / steps for e in prof.key_averages()}
+
+
+def step_overhead_profile(qat_step, fp32_step, images, labels, steps: int = 2, top: int = 8):
+    """What a QAT step spends beyond the fp32 step, by op: the `top` ops whose self CPU time
+    per step grew most, as (op, QAT ms, fp32 ms), and the total of every op's growth. Times are
+    the profiler's (it adds its own overhead), for telling where the gap is, not its size."""
+    qat = _self_cpu_ms_per_op(qat_step, images, labels, steps)
+    fp32 = _self_cpu_ms_per_op(fp32_step, images, labels, steps)
+    growth = {op: qat.get(op, 0.0) - fp32.get(op, 0.0) for op in qat.keys() | fp32.keys()}
+    ranked = sorted(growth, key=growth.get, reverse=True)[:top]
+    return {
+        "ops": [(op, qat.get(op, 0.0), fp32.get(op, 0.0)) for op in ranked],
+        "qat_total_ms": sum(qat.values()),
+        "fp32_total_ms": sum(fp32.values()),
+    }
+
+
 def qat_step_ratio(
     model_name: str,
     *,
@@ -30,7 +54,9 @@ def qat_step_ratio(
     seed: int = 0,
 ) -> dict:
     """QAT train step time / fp32 eager train step time for `model_name` (same seed, same batch,
-    steps interleaved after warm-up, medians). Returns timings (ms) and the ratio."""
+    steps interleaved after warm-up, medians). Returns timings (ms), the ratio, the same ratio
+    with a lever switched off, and the profile of what the QAT step adds
+    (`step_overhead_profile`)."""
     torch.set_num_threads(threads)
     qat = qat_model(model_name, seed, image_size)
     torchao_op = qat_model(model_name, seed, image_size, fast_fake_quant=False).prepared
@@ -50,6 +76,7 @@ def qat_step_ratio(
             if i >= warmup:
                 times[name].append((time.perf_counter() - start) * 1000)
     fp32_ms, qat_ms = statistics.median(times["fp32"]), statistics.median(times["qat"])
+    profile = step_overhead_profile(steps["qat"], steps["fp32"], images, labels)
     torchao_op_ms = statistics.median(times["qat_torchao_op"])
     unfused_ms = statistics.median(times["qat_unfused_weight_scaling"])
     return {
@@ -64,6 +91,7 @@ def qat_step_ratio(
         "ratio_torchao_op": torchao_op_ms / fp32_ms,
         "qat_unfused_weight_scaling_ms": unfused_ms,
         "ratio_unfused_weight_scaling": unfused_ms / fp32_ms,
+        "overhead_profile": profile,
     }
 
 

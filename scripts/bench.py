@@ -39,11 +39,13 @@ JSON_KEYS = (
 )
 # Written after the contract keys: the same measurements with a lever switched, for reference
 # (QAT with torchao's own fake-quant op; QAT with quant.fused_weight_scaling = false; DDP
-# with runtime.grad_compression = "bf16").
+# with runtime.grad_compression = "bf16"), and where a QAT step's extra time goes, per model
+# (`benchmarks.figures.step_overhead_profile`).
 REFERENCE_KEYS = (
     "qat_step_ratio_torchao_op",
     "qat_step_ratio_unfused_weight_scaling",
     "ddp_scaling_ratio_bf16_grads",
+    "qat_step_overhead_profile",
 )
 
 # The project's targets: (figure, model) -> (comparison, bound). Model None: a single number;
@@ -228,6 +230,15 @@ def _training_figures(plan: Plan, threads: int, results: dict) -> None:
             f"{r['ratio_unfused_weight_scaling']:.3f})",
             flush=True,
         )
+        profile = r["overhead_profile"]
+        results.setdefault("qat_step_overhead_profile", {})[name] = profile
+        print(
+            f"  what QAT adds (torch.profiler, self CPU per step: QAT "
+            f"{profile['qat_total_ms']:.1f} ms, fp32 {profile['fp32_total_ms']:.1f} ms), "
+            "largest first:"
+        )
+        for op, qat_ms, fp32_ms in profile["ops"]:
+            print(f"    {qat_ms - fp32_ms:+7.1f} ms  {op} (QAT {qat_ms:.1f}, fp32 {fp32_ms:.1f})")
 
     _section("ddp_scaling_ratio: throughput N ranks x 1 thread / 1 rank x N threads (gloo)")
     r = benchmarks.ddp_scaling_ratio(

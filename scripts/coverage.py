@@ -68,11 +68,10 @@ KNOWN_CAUSES = (
     (
         "train",
         "is a view and is being modified inplace",
-        "qatdist (quant/fast_fake_quant.py): `_ObserveAndFakeQuantize.forward` returns "
-        "`out.view(x.shape)`, a view made inside the custom autograd Function, and autograd "
-        "forbids an in-place op on the fake quant's output (googlenet's F.relu(inplace=True) "
-        "after a BatchNorm the QAT conv-bn-relu pattern does not fuse, efficientnet_v2's "
-        "residual `+=`); fix: reshape outside the Function",
+        "qatdist (quant/fast_fake_quant.py): a fake quant whose output is a view made inside "
+        "its custom autograd Function, on which autograd forbids an in-place op (googlenet's "
+        "F.relu(inplace=True) after a BatchNorm the QAT conv-bn-relu pattern does not fuse, "
+        "efficientnet_v2's residual `+=`); fixed: the op returns a tensor of its own",
     ),
     (
         "capture",

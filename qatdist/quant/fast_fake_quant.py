@@ -42,10 +42,12 @@ from qatdist.quant import native_ops
 class ScaledWeight(NamedTuple):
     """A conv weight and its per-output-channel scale, not yet multiplied: what
     `scaled_weight` hands a `FastFusedFakeQuantize` so the product is taken in its kernel
-    (`qatdist.quant.weight_scaling`)."""
+    (`qatdist.quant.weight_scaling`). With `divide_back`, the fake-quantized product is divided
+    by the scale again, which the graph would otherwise do to the conv's output."""
 
     weight: torch.Tensor
     scale: torch.Tensor  # broadcastable against `weight`: (channels, 1, ..., 1)
+    divide_back: bool = False
 
     def product(self) -> torch.Tensor:
         """`weight * scale`, the node this stands for (same op, same autograd)."""
@@ -58,6 +60,18 @@ def scaled_weight(weight: torch.Tensor, scale: torch.Tensor) -> ScaledWeight:
     return ScaledWeight(weight, scale)
 
 
+def scaled_weight_divided_back(weight: torch.Tensor, scale: torch.Tensor) -> ScaledWeight:
+    """`scaled_weight` whose fake quant also divides by `scale` again: stands for the `mul`
+    when the conv's output division by the same scale moved into the kernel."""
+    return ScaledWeight(weight, scale, divide_back=True)
+
+
+def divided_in_weight(conv_output: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Stands in the graph for `aten.div.Tensor(conv_output, scale)` whose division the
+    weight's fake quant already did (`scaled_weight_divided_back`): the output as it is."""
+    return conv_output
+
+
 class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     """`FusedMovingAvgObsFakeQuantize` computed by qatdist's C++ ops (see the module
     docstring); same buffers, flags and `calculate_qparams`, same results as the ATen op."""
@@ -67,7 +81,8 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
         observe, fake_quant = bool(self.observer_enabled), bool(self.fake_quant_enabled)
         if isinstance(X, ScaledWeight):
             if not (fake_quant and self.is_per_channel):
-                return self.forward(X.product())  # what the unfused graph computes
+                out = self.forward(X.product())  # what the unfused graph computes
+                return torch.div(out, X.scale) if X.divide_back else out
             return torch.ops.qatdist.scaled_fake_quantize(
                 X.weight,
                 X.scale,
@@ -80,6 +95,7 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 observer.quant_max,
                 self.is_symmetric_quant,
                 observe,
+                X.divide_back,
             )
         if not fake_quant:
             if observe:

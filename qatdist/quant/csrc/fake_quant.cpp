@@ -1,19 +1,22 @@
 // qatdist's fake-quant ops: what aten::fused_moving_avg_obs_fake_quant computes on the CPU
-// (moving-average min/max observer, ATen's ChooseQuantizationParams, fake quantization and its
-// straight-through gradient), bit for bit, with vectorized loops and one C++ call per forward
-// and per backward. Built on first use by qatdist/quant/native_ops.py; see the docstring of
-// qatdist/quant/fast_fake_quant.py for why.
+// (moving-average min/max observer, ATen's own ChooseQuantizationParams, fake quantization and
+// its straight-through gradient), bit for bit, with vectorized loops and one C++ call per
+// forward and per backward. Built on first use by qatdist/quant/native_ops.py; the docstring of
+// qatdist/quant/fast_fake_quant.py says why.
 //
-// Compiled with -ffp-contract=off: a fused multiply-add would round the moving average
-// differently from ATen's build. Inner loops are written so the compiler vectorizes them
-// without reassociating anything (the per-row sums use explicit lanes), so every result is
-// the same on any x86-64 CPU.
+// Per-channel weights are processed a row (an output channel) at a time, on torch's thread
+// pool: observe the row, choose its qparams, fake-quantize it, while the row is in cache. The
+// conv-BN QAT weight scaling (weight * gamma / sigma, qatdist/quant/weight_scaling.py) is taken
+// inside the same pass, and optionally the division of the conv output by that factor too.
+//
+// Compiled with -ffp-contract=off: a fused multiply-add would round the moving average and the
+// products differently from ATen's build. Reductions are written on explicit 8-float vectors,
+// so they vectorize without reassociating anything and give the same bits on any x86-64 CPU.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/quantized/cpu/QuantUtils.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -29,9 +32,24 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr int64_t kGrain = 32768;  // elements per task, at::internal::GRAIN_SIZE
+constexpr int64_t kGrain = 32768;  // elements per task, as at::internal::GRAIN_SIZE
+constexpr float kInf = std::numeric_limits<float>::infinity();
 
-// The fake quantization of one value: ATen's
+int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)); }
+
+// Eight floats in one register (AVX2's width; AVX-512 machines run it on half a register).
+typedef float float8 __attribute__((vector_size(32)));
+typedef int32_t int8x32 __attribute__((vector_size(32)));
+
+inline float8 load8(const float* x) {
+  float8 v;
+  std::memcpy(&v, x, sizeof(v));
+  return v;
+}
+
+inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
+
+// The fake quantization of one value, ATen's
 // (clamp(zero_point + nearbyint(x * (1 / scale)), qmin, qmax) - zero_point) * scale.
 inline float fake_quant_value(float x, float inv_scale, float scale, float zp, float qmin,
                               float qmax) {
@@ -47,77 +65,21 @@ inline bool in_range(float x, float inv_scale, float zp, float qmin, float qmax)
   return q >= qmin && q <= qmax;
 }
 
-void fake_quant_rows(const float* x, float* out, int64_t rows, int64_t cols, const float* scale,
-                     const int32_t* zero_point, int64_t qmin, int64_t qmax) {
-  // Per tensor: one row of all elements, split across threads; per channel: whole rows.
-  const bool one_row = rows == 1;
-  const int64_t tasks = one_row ? cols : rows;
-  const int64_t grain = one_row ? kGrain : std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    const int64_t row_begin = one_row ? 0 : begin, row_end = one_row ? 1 : end;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const float s = scale[r], inv = 1.0f / s, zp = static_cast<float>(zero_point[r]);
-      const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-      const int64_t c0 = one_row ? begin : 0, c1 = one_row ? end : cols;
-      const float* xr = x + r * cols;
-      float* outr = out + r * cols;
-      for (int64_t c = c0; c < c1; ++c) {
-        outr[c] = fake_quant_value(xr[c], inv, s, zp, lo, hi);
-      }
-    }
-  });
-}
-
-void fake_quant_grad_rows(const float* x, const float* grad, float* grad_x, int64_t rows,
-                          int64_t cols, const float* scale, const int32_t* zero_point,
-                          int64_t qmin, int64_t qmax) {
-  const bool one_row = rows == 1;
-  const int64_t tasks = one_row ? cols : rows;
-  const int64_t grain = one_row ? kGrain : std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1));
-  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    const int64_t row_begin = one_row ? 0 : begin, row_end = one_row ? 1 : end;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const float inv = 1.0f / scale[r], zp = static_cast<float>(zero_point[r]);
-      const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-      const int64_t c0 = one_row ? begin : 0, c1 = one_row ? end : cols;
-      const float* xr = x + r * cols;
-      const float* gr = grad + r * cols;
-      float* out = grad_x + r * cols;
-      for (int64_t c = c0; c < c1; ++c) {
-        const float g = gr[c];  // loaded unconditionally: a masked load is slow on AMD CPUs
-        out[c] = in_range(xr[c], inv, zp, lo, hi) ? g : 0.0f;
-      }
-    }
-  });
-}
-
-// Eight floats in one register (AVX2's width; AVX-512 machines run it on half a register):
-// the reductions below are written on this type so that they vectorize on every x86-64 CPU
-// with the same, fixed order of operations.
-typedef float float8 __attribute__((vector_size(32)));
-typedef int32_t int8x32 __attribute__((vector_size(32)));
-
-inline float8 load8(const float* x) {
-  float8 v;
-  std::memcpy(&v, x, sizeof(v));
-  return v;
-}
-
-// Min and max of x[0, n) (exact in any order). NaN propagates, as in aten::aminmax.
-inline void min_max(const float* x, int64_t n, float& lo, float& hi) {
-  const float inf = std::numeric_limits<float>::infinity();
-  float8 vlo = {inf, inf, inf, inf, inf, inf, inf, inf};
-  float8 vhi = -vlo;
+// Min and max of x[i] * factor over [0, n) (exact in any order; factor 1 leaves x as is). NaN
+// propagates, as in aten::aminmax.
+void min_max(const float* x, int64_t n, float factor, float& lo, float& hi) {
+  float8 vlo = splat8(kInf), vhi = splat8(-kInf);
+  const float8 vfactor = splat8(factor);
   int8x32 nan = {};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const float8 v = load8(x + i);
+    const float8 v = load8(x + i) * vfactor;
     vlo = v < vlo ? v : vlo;
     vhi = v > vhi ? v : vhi;
     nan |= v != v;
   }
-  lo = inf;
-  hi = -inf;
+  lo = kInf;
+  hi = -kInf;
   bool any_nan = false;
   for (int j = 0; j < 8; ++j) {
     lo = vlo[j] < lo ? vlo[j] : lo;
@@ -125,249 +87,342 @@ inline void min_max(const float* x, int64_t n, float& lo, float& hi) {
     any_nan |= nan[j] != 0;
   }
   for (; i < n; ++i) {
-    lo = x[i] < lo ? x[i] : lo;
-    hi = x[i] > hi ? x[i] : hi;
-    any_nan |= x[i] != x[i];
+    const float v = x[i] * factor;
+    lo = v < lo ? v : lo;
+    hi = v > hi ? v : hi;
+    any_nan |= v != v;
   }
   if (any_nan) lo = hi = std::numeric_limits<float>::quiet_NaN();
 }
 
-// Per-row (rows x cols) or whole-tensor (rows == 1) min and max, on torch's thread pool.
-void row_min_max(const float* x, int64_t rows, int64_t cols, float* lo, float* hi) {
-  if (rows > 1) {
-    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) min_max(x + r * cols, cols, lo[r], hi[r]);
-                     });
-    return;
-  }
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), cols / kGrain));
-  const int64_t chunk = (cols + chunks - 1) / chunks;
-  std::vector<float> chunk_lo(chunks), chunk_hi(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t start = k * chunk, stop = std::min(cols, start + chunk);
-      min_max(x + start, std::max<int64_t>(0, stop - start), chunk_lo[k], chunk_hi[k]);
-    }
-  });
-  min_max(chunk_lo.data(), chunks, lo[0], hi[0]);  // NaN in a chunk propagates here too
-  float ignored_lo, max_of_maxes;
-  min_max(chunk_hi.data(), chunks, ignored_lo, max_of_maxes);
-  hi[0] = max_of_maxes;
+// Sum of a[i] * b[i] over [0, n), in a fixed order (8 lanes, then the tail).
+float dot(const float* a, const float* b, int64_t n) {
+  float8 lanes = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) lanes += load8(a + i) * load8(b + i);
+  float sum = 0.0f;
+  for (int j = 0; j < 8; ++j) sum += lanes[j];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
 }
 
-// aten::fused_moving_avg_obs_fake_quant's observer update: the first observation (running
-// value still +-inf) is taken as is, later ones averaged in float. Per-channel buffers start
-// empty and are sized at the first observation, as the ATen op sizes them (which leaves scale
-// and zero point uninitialised until fake quant runs; here 1 and 0).
-void observe(const Tensor& rows, Tensor& running_min, Tensor& running_max, Tensor& scale,
-             Tensor& zero_point, float constant, bool per_channel) {
-  const int64_t channels = per_channel ? rows.size(0) : 1;
-  if (running_min.numel() != channels) {
-    running_min.resize_({channels}).fill_(std::numeric_limits<float>::infinity());
-    running_max.resize_({channels}).fill_(-std::numeric_limits<float>::infinity());
+// aten::fused_moving_avg_obs_fake_quant's observer update: the first observation (running value
+// still +-inf) is taken as is, later ones averaged in float.
+inline void moving_average(float& running, float current, float constant) {
+  running = std::isinf(running) ? current : running + constant * (current - running);
+}
+
+struct QParams {
+  float scale, zero_point;  // the zero point is an integer; float is how the kernels use it
+};
+
+// ATen's ChooseQuantizationParams of a running range (what the ATen op calls, through fbgemm's
+// identical copy).
+QParams choose_qparams(float lo, float hi, int64_t qmin, int64_t qmax, bool symmetric) {
+  TORCH_CHECK(!(std::isinf(lo) && lo > 0),  // a per-tensor observer starts at +inf
+              "FastFusedFakeQuantize: fake quantization is enabled but the observer has never "
+              "seen data (enable the observer for at least one forward first)");
+  const auto params = quant_utils::ChooseQuantizationParams(
+      lo, hi, static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
+      /*preserve_sparsity=*/symmetric, /*force_scale_power_of_two=*/false);
+  return {static_cast<float>(params.scale), static_cast<float>(params.zero_point)};
+}
+
+// A fake-quant module's buffers, as the ATen op takes them.
+struct Buffers {
+  Tensor running_min, running_max, scale, zero_point;
+
+  // Per-channel buffers start empty and are sized at the first observation, as the ATen op
+  // sizes them (it leaves scale and zero point uninitialised until fake quant runs; here 1, 0).
+  void size_for(int64_t channels) {
+    TORCH_CHECK(running_min.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+                    zero_point.scalar_type() == at::kInt,
+                "FastFusedFakeQuantize: unexpected buffer dtypes");
+    if (running_min.numel() == channels) return;
+    running_min.resize_({channels}).fill_(kInf);
+    running_max.resize_({channels}).fill_(-kInf);
     scale.resize_({channels}).fill_(1.0);
     zero_point.resize_({channels}).fill_(0);
   }
-  std::vector<float> cur_min(channels), cur_max(channels);
-  row_min_max(rows.data_ptr<float>(), per_channel ? rows.size(0) : 1,
-              per_channel ? rows.size(1) : rows.numel(), cur_min.data(), cur_max.data());
-  float* run_min = running_min.data_ptr<float>();
-  float* run_max = running_max.data_ptr<float>();
-  for (int64_t i = 0; i < channels; ++i) {
-    run_min[i] = std::isinf(run_min[i]) ? cur_min[i]
-                                        : run_min[i] + constant * (cur_min[i] - run_min[i]);
-    run_max[i] = std::isinf(run_max[i]) ? cur_max[i]
-                                        : run_max[i] + constant * (cur_max[i] - run_max[i]);
-  }
-}
 
-// ATen's ChooseQuantizationParams for every channel of the running range: fresh tensors (the
-// backward keeps them) copied into the module's scale / zero point buffers.
-std::pair<Tensor, Tensor> choose_qparams(const Tensor& running_min, const Tensor& running_max,
-                                         Tensor& scale_buffer, Tensor& zero_point_buffer,
-                                         int64_t qmin, int64_t qmax, bool symmetric) {
-  const int64_t channels = running_min.numel();
-  const float* lo = running_min.data_ptr<float>();
-  const float* hi = running_max.data_ptr<float>();
-  // An observer that never saw data holds +inf (per tensor) or nothing (per channel).
-  TORCH_CHECK(channels > 0 && !(std::isinf(lo[0]) && lo[0] > 0),
-              "FastFusedFakeQuantize: fake quantization is enabled but the observer has never "
-              "seen data (enable the observer for at least one forward first)");
-  Tensor scale = at::empty({channels}, running_min.options());
-  Tensor zero_point = at::empty({channels}, running_min.options().dtype(at::kInt));
-  float* s = scale.data_ptr<float>();
-  int32_t* zp = zero_point.data_ptr<int32_t>();
-  for (int64_t i = 0; i < channels; ++i) {
-    const auto params = quant_utils::ChooseQuantizationParams(
-        lo[i], hi[i], static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
-        /*preserve_sparsity=*/symmetric, /*force_scale_power_of_two=*/false);
-    s[i] = static_cast<float>(params.scale);
-    zp[i] = params.zero_point;
+  // The buffers of an observer that has seen data (or is about to): one value per channel.
+  void check(int64_t channels) const {
+    TORCH_CHECK(running_min.numel() == channels && running_max.numel() == channels,
+                "FastFusedFakeQuantize: fake quantization is enabled but the observer has never "
+                "seen data (enable the observer for at least one forward first)");
+    TORCH_CHECK(scale.numel() == channels && zero_point.numel() == channels,
+                "FastFusedFakeQuantize: ", scale.numel(), " scales and ", zero_point.numel(),
+                " zero points for ", channels, " channels");
   }
-  if (scale_buffer.numel() != channels) scale_buffer.resize_({channels});
-  if (zero_point_buffer.numel() != channels) zero_point_buffer.resize_({channels});
-  scale_buffer.copy_(scale);
-  zero_point_buffer.copy_(zero_point);
-  return {scale, zero_point};
-}
 
-Tensor as_rows(const Tensor& x, bool per_channel) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(),
+  // Store channel `i`'s qparams in the module and in `saved` (scales, then zero points: what
+  // the backward reads, since the module's buffers change at the next forward).
+  void store(int64_t i, QParams q, float* saved, int64_t channels) {
+    scale.data_ptr<float>()[i] = q.scale;
+    zero_point.data_ptr<int32_t>()[i] = static_cast<int32_t>(q.zero_point);
+    saved[i] = q.scale;
+    saved[channels + i] = q.zero_point;
+  }
+};
+
+void check_input(const Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.dim() >= 1,
               "qatdist fake quant: expected a float32 CPU tensor, got ", x.scalar_type(), " on ",
               x.device());
-  Tensor contiguous = x.contiguous();
-  return per_channel ? contiguous.reshape({x.size(0), -1}) : contiguous.reshape({1, -1});
+}
+
+// The moving-average observer update of a whole tensor, its min/max split across threads.
+void observe_tensor(const float* x, int64_t n, float& running_min, float& running_max,
+                    float constant) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / kGrain));
+  const int64_t chunk = (n + chunks - 1) / chunks;
+  std::vector<float> lows(chunks), highs(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t start = std::min(n, k * chunk), stop = std::min(n, start + chunk);
+      min_max(x + start, stop - start, 1.0f, lows[k], highs[k]);
+    }
+  });
+  float lo, hi, unused;
+  min_max(lows.data(), chunks, 1.0f, lo, unused);
+  min_max(highs.data(), chunks, 1.0f, unused, hi);
+  moving_average(running_min, lo, constant);
+  moving_average(running_max, hi, constant);
+}
+
+// The moving-average observer update of each row of `w * factor` (factor null: of `w`).
+inline void observe_row(const float* row, int64_t cols, float factor, float& running_min,
+                        float& running_max, float constant) {
+  float lo, hi;
+  min_max(row, cols, factor, lo, hi);
+  moving_average(running_min, lo, constant);
+  moving_average(running_max, hi, constant);
+}
+
+// Per tensor: observe the whole tensor, then fake-quantize it, both split across threads.
+void per_tensor_forward(const float* x, float* out, int64_t n, Buffers& buffers, float constant,
+                        bool observe, int64_t qmin, int64_t qmax, bool symmetric, float* saved) {
+  float* running_min = buffers.running_min.data_ptr<float>();
+  float* running_max = buffers.running_max.data_ptr<float>();
+  if (observe) observe_tensor(x, n, *running_min, *running_max, constant);
+  const QParams q = choose_qparams(*running_min, *running_max, qmin, qmax, symmetric);
+  buffers.store(0, q, saved, 1);
+  const float inv = 1.0f / q.scale, lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      out[i] = fake_quant_value(x[i], inv, q.scale, q.zero_point, lo, hi);
+    }
+  });
+}
+
+// Per channel, a row at a time: observe `w[r] * factor[r]`, choose the row's qparams and
+// fake-quantize it, optionally dividing the result by factor[r] again (`divide_back`).
+// `factor` null: the rows as they are.
+void per_channel_forward(const float* w, const float* factor, float* out, int64_t rows,
+                         int64_t cols, Buffers& buffers, float constant, bool observe,
+                         int64_t qmin, int64_t qmax, bool symmetric, bool divide_back,
+                         float* saved) {
+  float* running_min = buffers.running_min.data_ptr<float>();
+  float* running_max = buffers.running_max.data_ptr<float>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float f = factor ? factor[r] : 1.0f;
+      const float* wr = w + r * cols;
+      if (observe) observe_row(wr, cols, f, running_min[r], running_max[r], constant);
+      const QParams q = choose_qparams(running_min[r], running_max[r], qmin, qmax, symmetric);
+      buffers.store(r, q, saved, rows);
+      const float inv = 1.0f / q.scale;
+      float* outr = out + r * cols;
+      if (divide_back) {
+        for (int64_t c = 0; c < cols; ++c) {
+          outr[c] = fake_quant_value(wr[c] * f, inv, q.scale, q.zero_point, lo, hi) / f;
+        }
+      } else {
+        for (int64_t c = 0; c < cols; ++c) {
+          outr[c] = fake_quant_value(wr[c] * f, inv, q.scale, q.zero_point, lo, hi);
+        }
+      }
+    }
+  });
+}
+
+// Straight-through gradient of a plain fake quant: `grad` where the input rounded inside the
+// range, 0 elsewhere (rows == 1: per tensor).
+void fake_quant_backward(const float* x, const float* grad, float* grad_x, int64_t rows,
+                         int64_t cols, const float* saved, int64_t qmin, int64_t qmax) {
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  auto row_range = [&](int64_t r, int64_t c0, int64_t c1) {
+    const float inv = 1.0f / saved[r], zp = saved[rows + r];
+    const float *xr = x + r * cols, *gr = grad + r * cols;
+    float* out = grad_x + r * cols;
+    for (int64_t c = c0; c < c1; ++c) {
+      const float g = gr[c];  // loaded unconditionally: a masked load is slow on AMD CPUs
+      out[c] = in_range(xr[c], inv, zp, lo, hi) ? g : 0.0f;
+    }
+  };
+  if (rows == 1) {
+    at::parallel_for(0, cols, kGrain, [&](int64_t b, int64_t e) { row_range(0, b, e); });
+  } else {
+    at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) row_range(r, 0, cols);
+    });
+  }
+}
+
+// Gradients of `out = fake_quant(w * f) [/ f]` per row, for `w` and `f`:
+//   without divide_back: dw = m * g * f,  df = sum(m * g * w);
+//   with divide_back:    dw = m * g,      df = sum(g * (m * w - fake_quant(w * f) / f)) / f,
+// where m is the straight-through mask. In exact arithmetic these are autograd's gradients of
+// the unfused graph; the sums run in this kernel's order.
+void scaled_backward(const float* w, const float* factor, const float* grad, float* grad_w,
+                     float* grad_factor, int64_t rows, int64_t cols, const float* saved,
+                     int64_t qmin, int64_t qmax, bool divide_back) {
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    std::vector<float> contribution(cols);  // what each element adds to df, per unit of grad
+    for (int64_t r = begin; r < end; ++r) {
+      const float f = factor[r], scale = saved[r], inv = 1.0f / scale, zp = saved[rows + r];
+      const float *wr = w + r * cols, *gr = grad + r * cols;
+      float* gwr = grad_w + r * cols;
+      const float dw_factor = divide_back ? 1.0f : f;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float g = gr[c], p = wr[c] * f;  // the same product as the forward's
+        const bool m = in_range(p, inv, zp, lo, hi);
+        gwr[c] = (m ? g : 0.0f) * dw_factor;
+        const float masked_w = m ? wr[c] : 0.0f;
+        contribution[c] =
+            divide_back ? masked_w - fake_quant_value(p, inv, scale, zp, lo, hi) / f : masked_w;
+      }
+      const float sum = dot(gr, contribution.data(), cols);
+      grad_factor[r] = divide_back ? sum / f : sum;
+    }
+  });
 }
 
 struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, Tensor running_min,
-                        Tensor running_max, Tensor scale_buffer, Tensor zero_point_buffer,
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, Tensor running_min,
+                        Tensor running_max, Tensor scale, Tensor zero_point,
                         double averaging_constant, int64_t qmin, int64_t qmax, bool per_channel,
-                        bool symmetric, bool observe_on) {
-    Tensor rows = as_rows(x, per_channel);
-    if (observe_on) {
-      observe(rows, running_min, running_max, scale_buffer, zero_point_buffer,
-              static_cast<float>(averaging_constant), per_channel);
-    }
-    auto [scale, zero_point] = choose_qparams(running_min, running_max, scale_buffer,
-                                              zero_point_buffer, qmin, qmax, symmetric);
+                        bool symmetric, bool observe) {
+    check_input(input);
+    const Tensor x = input.contiguous();
+    const int64_t rows = per_channel ? x.size(0) : 1, cols = rows ? x.numel() / rows : 0;
+    Buffers buffers{running_min, running_max, scale, zero_point};
+    if (observe) buffers.size_for(rows);
+    buffers.check(rows);
     Tensor out = at::empty(x.sizes(), x.options());
-    fake_quant_rows(rows.data_ptr<float>(), out.data_ptr<float>(), rows.size(0), rows.size(1),
-                    scale.data_ptr<float>(), zero_point.data_ptr<int32_t>(), qmin, qmax);
-    ctx->save_for_backward({rows, scale, zero_point});
-    ctx->saved_data["qmin"] = qmin;
-    ctx->saved_data["qmax"] = qmax;
+    Tensor saved = at::empty({2 * rows}, x.options());  // scales, then zero points
+    const float constant = static_cast<float>(averaging_constant);
+    if (per_channel) {
+      per_channel_forward(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), rows, cols,
+                          buffers, constant, observe, qmin, qmax, symmetric, false,
+                          saved.data_ptr<float>());
+    } else {
+      per_tensor_forward(x.data_ptr<float>(), out.data_ptr<float>(), cols, buffers, constant,
+                         observe, qmin, qmax, symmetric, saved.data_ptr<float>());
+    }
+    ctx->save_for_backward({x, saved});
+    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax, rows};
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor& rows = saved[0];
-    Tensor grad = grads[0].contiguous();
+    const auto qrange = ctx->saved_data["qrange"].toIntVector();
+    const Tensor grad = grads[0].contiguous();
     Tensor grad_x = at::empty(grad.sizes(), grad.options());
-    fake_quant_grad_rows(rows.data_ptr<float>(), grad.data_ptr<float>(),
-                         grad_x.data_ptr<float>(), rows.size(0), rows.size(1),
-                         saved[1].data_ptr<float>(), saved[2].data_ptr<int32_t>(),
-                         ctx->saved_data["qmin"].toInt(), ctx->saved_data["qmax"].toInt());
+    const int64_t rows = qrange[2], cols = rows ? grad.numel() / rows : 0;
+    fake_quant_backward(saved[0].data_ptr<float>(), grad.data_ptr<float>(),
+                        grad_x.data_ptr<float>(), rows, cols, saved[1].data_ptr<float>(),
+                        qrange[0], qrange[1]);
     variable_list out(11);
     out[0] = grad_x;
     return out;
   }
 };
 
-// Fake quantization of `weight * row_scale[:, None, ...]` per output channel: the conv-BN QAT
-// weight scaling taken inside the kernels (qatdist/quant/weight_scaling.py).
+// Fake quantization of `weight * factor` per output channel (the conv-BN QAT weight scaling
+// taken inside the kernels), optionally divided by `factor` again.
 struct ScaledFakeQuantize : public torch::autograd::Function<ScaledFakeQuantize> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& row_scale,
-                        Tensor running_min, Tensor running_max, Tensor scale_buffer,
-                        Tensor zero_point_buffer, double averaging_constant, int64_t qmin,
-                        int64_t qmax, bool symmetric, bool observe_on) {
-    Tensor rows = as_rows(weight, true);
-    Tensor factors = as_rows(row_scale, false);
-    const int64_t channels = rows.size(0), cols = rows.size(1);
-    TORCH_CHECK(factors.numel() == channels, "qatdist scaled fake quant: ", factors.numel(),
-                " scale factors for ", channels, " channels");
-    Tensor out = at::empty(weight.sizes(), weight.options());
-    float* product = out.data_ptr<float>();
-    const float* w = rows.data_ptr<float>();
-    const float* f = factors.data_ptr<float>();
-    at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t r = begin; r < end; ++r) {
-                         for (int64_t c = 0; c < cols; ++c) {
-                           product[r * cols + c] = w[r * cols + c] * f[r];
-                         }
-                       }
-                     });
-    Tensor product_rows = out.view({channels, cols});
-    if (observe_on) {
-      observe(product_rows, running_min, running_max, scale_buffer, zero_point_buffer,
-              static_cast<float>(averaging_constant), true);
-    }
-    auto [scale, zero_point] = choose_qparams(running_min, running_max, scale_buffer,
-                                              zero_point_buffer, qmin, qmax, symmetric);
-    fake_quant_rows(product, product, channels, cols, scale.data_ptr<float>(),
-                    zero_point.data_ptr<int32_t>(), qmin, qmax);
-    ctx->save_for_backward({rows, factors, scale, zero_point});
-    ctx->saved_data["qmin"] = qmin;
-    ctx->saved_data["qmax"] = qmax;
-    ctx->saved_data["factor_sizes"] = row_scale.sizes().vec();
+  static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& factor,
+                        Tensor running_min, Tensor running_max, Tensor scale, Tensor zero_point,
+                        double averaging_constant, int64_t qmin, int64_t qmax, bool symmetric,
+                        bool observe, bool divide_back) {
+    check_input(weight);
+    check_input(factor);
+    const Tensor w = weight.contiguous(), f = factor.contiguous();
+    const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
+    TORCH_CHECK(f.numel() == rows, "qatdist scaled fake quant: ", f.numel(),
+                " scale factors for ", rows, " channels");
+    Buffers buffers{running_min, running_max, scale, zero_point};
+    if (observe) buffers.size_for(rows);
+    buffers.check(rows);
+    Tensor out = at::empty(w.sizes(), w.options());
+    Tensor saved = at::empty({2 * rows}, w.options());
+    per_channel_forward(w.data_ptr<float>(), f.data_ptr<float>(), out.data_ptr<float>(), rows,
+                        cols, buffers, static_cast<float>(averaging_constant), observe, qmin,
+                        qmax, symmetric, divide_back, saved.data_ptr<float>());
+    ctx->save_for_backward({w, f, saved});
+    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax, divide_back};
     return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &rows = saved[0], &factors = saved[1];
-    const int64_t channels = rows.size(0), cols = rows.size(1);
-    const float lo = static_cast<float>(ctx->saved_data["qmin"].toInt());
-    const float hi = static_cast<float>(ctx->saved_data["qmax"].toInt());
-    Tensor grad = grads[0].contiguous();
-    Tensor grad_weight = at::empty(grad.sizes(), grad.options());
-    Tensor grad_factors = at::empty({channels}, factors.options());
-    const float *w = rows.data_ptr<float>(), *f = factors.data_ptr<float>();
-    const float *g = grad.data_ptr<float>(), *scale = saved[2].data_ptr<float>();
-    const int32_t* zero_point = saved[3].data_ptr<int32_t>();
-    float *gw = grad_weight.data_ptr<float>(), *gf = grad_factors.data_ptr<float>();
-    at::parallel_for(0, channels, std::max<int64_t>(1, kGrain / std::max<int64_t>(cols, 1)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float inv = 1.0f / scale[r], zp = static_cast<float>(zero_point[r]), fr = f[r];
-        const float *wr = w + r * cols, *gr = g + r * cols;
-        float* gwr = gw + r * cols;
-        // Two passes over the row while it is in cache, each a loop the compiler vectorizes:
-        // the straight-through gradient of the product, then its products with the factor
-        // (the weight's gradient) and with the weight (summed: the factor's gradient).
-        for (int64_t c = 0; c < cols; ++c) {
-          const float g = gr[c];  // loaded unconditionally, as in fake_quant_grad_rows
-          gwr[c] = in_range(wr[c] * fr, inv, zp, lo, hi) ? g : 0.0f;
-        }
-        float8 lanes = {};
-        const float8 factor = {fr, fr, fr, fr, fr, fr, fr, fr};
-        int64_t c = 0;
-        for (; c + 8 <= cols; c += 8) {
-          const float8 masked = load8(gwr + c);
-          lanes += masked * load8(wr + c);
-          const float8 product = masked * factor;
-          std::memcpy(gwr + c, &product, sizeof(product));
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < 8; ++j) sum += lanes[j];
-        for (; c < cols; ++c) {
-          sum += gwr[c] * wr[c];
-          gwr[c] *= fr;
-        }
-        gf[r] = sum;
-      }
-    });
-    variable_list out(11);
-    out[0] = grad_weight;
-    out[1] = grad_factors.view(ctx->saved_data["factor_sizes"].toIntVector());
+    const auto qrange = ctx->saved_data["qrange"].toIntVector();
+    const Tensor &w = saved[0], &f = saved[1];
+    const Tensor grad = grads[0].contiguous();
+    Tensor grad_w = at::empty(w.sizes(), w.options());
+    Tensor grad_f = at::empty(f.sizes(), f.options());
+    const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
+    scaled_backward(w.data_ptr<float>(), f.data_ptr<float>(), grad.data_ptr<float>(),
+                    grad_w.data_ptr<float>(), grad_f.data_ptr<float>(), rows, cols,
+                    saved[2].data_ptr<float>(), qrange[0], qrange[1], qrange[2] != 0);
+    variable_list out(12);
+    out[0] = grad_w;
+    out[1] = grad_f;
     return out;
   }
 };
 
 Tensor fake_quantize(const Tensor& x, Tensor running_min, Tensor running_max, Tensor scale,
                      Tensor zero_point, double averaging_constant, int64_t quant_min,
-                     int64_t quant_max, bool per_channel, bool symmetric, bool observe_on) {
+                     int64_t quant_max, bool per_channel, bool symmetric, bool observe) {
   return FakeQuantize::apply(x, running_min, running_max, scale, zero_point, averaging_constant,
-                             quant_min, quant_max, per_channel, symmetric, observe_on);
+                             quant_min, quant_max, per_channel, symmetric, observe);
 }
 
-Tensor scaled_fake_quantize(const Tensor& weight, const Tensor& row_scale, Tensor running_min,
+Tensor scaled_fake_quantize(const Tensor& weight, const Tensor& factor, Tensor running_min,
                             Tensor running_max, Tensor scale, Tensor zero_point,
                             double averaging_constant, int64_t quant_min, int64_t quant_max,
-                            bool symmetric, bool observe_on) {
-  return ScaledFakeQuantize::apply(weight, row_scale, running_min, running_max, scale,
-                                   zero_point, averaging_constant, quant_min, quant_max,
-                                   symmetric, observe_on);
+                            bool symmetric, bool observe, bool divide_back) {
+  return ScaledFakeQuantize::apply(weight, factor, running_min, running_max, scale, zero_point,
+                                   averaging_constant, quant_min, quant_max, symmetric, observe,
+                                   divide_back);
 }
 
-void observe_only(const Tensor& x, Tensor running_min, Tensor running_max, Tensor scale,
+// The observer update alone (fake quant off).
+void observe_only(const Tensor& input, Tensor running_min, Tensor running_max, Tensor scale,
                   Tensor zero_point, double averaging_constant, bool per_channel) {
-  at::NoGradGuard no_grad;
-  observe(as_rows(x.detach(), per_channel), running_min, running_max, scale, zero_point,
-          static_cast<float>(averaging_constant), per_channel);
+  check_input(input);
+  const Tensor x = input.detach().contiguous();
+  const int64_t rows = per_channel ? x.size(0) : 1, cols = rows ? x.numel() / rows : 0;
+  Buffers buffers{running_min, running_max, scale, zero_point};
+  buffers.size_for(rows);
+  const float constant = static_cast<float>(averaging_constant);
+  float* run_min = buffers.running_min.data_ptr<float>();
+  float* run_max = buffers.running_max.data_ptr<float>();
+  const float* data = x.data_ptr<float>();
+  if (!per_channel) {
+    observe_tensor(data, cols, *run_min, *run_max, constant);
+    return;
+  }
+  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      observe_row(data + r * cols, cols, 1.0f, run_min[r], run_max[r], constant);
+    }
+  });
 }
 
 }  // namespace
@@ -379,10 +434,10 @@ TORCH_LIBRARY(qatdist, m) {
       "int quant_max, bool per_channel, bool symmetric, bool observe) -> Tensor",
       &fake_quantize);
   m.def(
-      "scaled_fake_quantize(Tensor weight, Tensor row_scale, Tensor(a!) running_min, "
+      "scaled_fake_quantize(Tensor weight, Tensor factor, Tensor(a!) running_min, "
       "Tensor(b!) running_max, Tensor(c!) scale, Tensor(d!) zero_point, "
-      "float averaging_constant, int quant_min, int quant_max, bool symmetric, bool observe) "
-      "-> Tensor",
+      "float averaging_constant, int quant_min, int quant_max, bool symmetric, bool observe, "
+      "bool divide_back) -> Tensor",
       &scaled_fake_quantize);
   m.def(
       "observe(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) scale, "
