@@ -119,13 +119,14 @@ class QuantConfig:
     )
     fast_fake_quant: bool = _f(
         True,
-        "Run fake-quant modules with vectorized (Inductor) kernels, same results as torchao's "
-        "op (false: torchao's FusedMovingAvgObsFakeQuantize forward).",
+        "Run fake-quant modules with qatdist's C++ ops (built on first use), bitwise the same "
+        "results as torchao's op (false: torchao's FusedMovingAvgObsFakeQuantize forward).",
     )
     fused_weight_scaling: bool = _f(
         True,
         "With fast_fake_quant: compute the conv-BN QAT weight scaling (weight * gamma/sigma) "
-        "inside the weight fake-quant kernels (false: as the separate mul torchao inserts).",
+        "and the division of the conv output by it inside the weight fake-quant kernels "
+        "(false: as the separate mul and div torchao inserts).",
     )
     ptq_calibration_batches: int = _f(
         32,

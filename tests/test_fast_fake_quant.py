@@ -3,6 +3,9 @@ op): same outputs, gradients and buffers, bit for bit, in every schedule phase a
 size."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -209,3 +212,18 @@ def test_output_may_be_modified_in_place(make, kernel_calls):
     out_fast.mul_(2.0).relu_().sum().backward()
     assert torch.equal(out_ref, out_fast)
     assert torch.equal(x_ref.grad, x_fast.grad)
+
+
+def test_a_failing_compiler_is_a_clear_error_and_leaves_no_library(tmp_path):
+    """The C++ ops are built on first use; a compiler that fails stops the process with the
+    command, the compiler's output and the way out, and caches nothing."""
+    env = {**os.environ, "CXX": "false", "QATDIST_CACHE_DIR": str(tmp_path)}
+    code = "from qatdist.quant import native_ops; native_ops.load()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0
+    assert "NativeBuildError: compiling fake_quant.cpp failed" in done.stderr, done.stderr
+    assert "quant.fast_fake_quant = false" in done.stderr
+    assert "command: false " in done.stderr
+    assert not list(tmp_path.rglob("*.so"))
