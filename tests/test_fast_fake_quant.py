@@ -3,6 +3,7 @@ op): same outputs, gradients and buffers, bit for bit, in every schedule phase a
 size."""
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -143,6 +144,38 @@ def test_linear_weights_and_degenerate_ranges_match(kernel_calls):
     _assert_same_step(reference, fast, w)
     _assert_same_step(reference, fast, w * 1.5)
     assert len(kernel_calls) == 2
+
+
+@pytest.mark.parametrize("make", [_activation_fake_quant, _weight_fake_quant])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_nonfinite_inputs_never_raise(make, bad):
+    """A diverging step feeds NaN or infinity to the fake quants; the training guard must then
+    see a non-finite loss, not an exception. The C++ op matches the ATen op bit for bit (NaN
+    included) wherever the ATen op returns; for a NaN weight, where the ATen op raises (its
+    per-channel check rejects the NaN range's zero point), that channel's output is NaN and its
+    gradient zero."""
+    reference, fast = _pair(make)
+    _assert_same_step(reference, fast, _inputs((6, 3, 4, 4), 0))  # a finite range first
+    x = _inputs((6, 3, 4, 4), 1)
+    x[2, 1, 0, 0] = bad
+    x_fast = x.clone().requires_grad_(True)
+    out_fast = fast(x_fast)
+    out_fast.sum().backward()
+    if make is _weight_fake_quant and math.isnan(bad):
+        with pytest.raises(RuntimeError, match="zero_point"):
+            reference(x)
+        assert out_fast[2].isnan().all() and (x_fast.grad[2] == 0).all()
+        assert out_fast[[0, 1, 3, 4, 5]].isfinite().all()
+        return
+    x_ref = x.clone().requires_grad_(True)
+    out_ref = reference(x_ref)
+    out_ref.sum().backward()
+    same = dict(rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(out_fast, out_ref, **same)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad, **same)
+    for name, value in reference.named_buffers():
+        torch.testing.assert_close(dict(fast.named_buffers())[name], value, **same)
+    assert not out_fast.isfinite().all()
 
 
 @pytest.mark.parametrize("make", [_activation_fake_quant, _weight_fake_quant])

@@ -308,12 +308,15 @@ def cpu_int8_capabilities(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
 
 def cpu_int8_preflight(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     """`cpu_int8_capabilities()`, logging a warning when the CPU has no int8 dot-product
-    instructions: the int8 model then runs on slower emulated paths and may lose to fp32."""
+    instructions: the int8 model then runs on slower emulated paths and may lose to fp32, and
+    oneDNN sums pairs of u8 x s8 products in saturating int16 there, so its outputs may differ
+    from the converted model's by more than rounding."""
     caps = cpu_int8_capabilities(cpuinfo_path)
     if not caps["int8_dot_product"]:
         log.warning(
             "this CPU (%s, torch capability %s) has none of %s: int8 convolutions and matmuls "
-            "run without int8 dot-product instructions and may be no faster than fp32",
+            "run without int8 dot-product instructions: they may be no faster than fp32, and "
+            "their int16 partial sums may saturate (accuracy below the converted model's)",
             caps["cpu_model"] or "model unknown",
             caps["torch_cpu_capability"],
             ", ".join(INT8_DOT_PRODUCT_FLAGS),

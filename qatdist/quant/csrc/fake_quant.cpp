@@ -51,10 +51,12 @@ inline float8 splat8(float x) { return float8{x, x, x, x, x, x, x, x}; }
 
 // The fake quantization of one value, ATen's
 // (clamp(zero_point + nearbyint(x * (1 / scale)), qmin, qmax) - zero_point) * scale.
+// A NaN q (an infinite x times a zero inverse scale) goes to qmin, where ATen's conversion to
+// an integer before the clamp sends it.
 inline float fake_quant_value(float x, float inv_scale, float scale, float zp, float qmin,
                               float qmax) {
   float q = std::nearbyint(x * inv_scale) + zp;
-  q = q < qmin ? qmin : q;
+  q = !(q >= qmin) ? qmin : q;
   q = q > qmax ? qmax : q;
   return (q - zp) * scale;
 }
@@ -117,11 +119,19 @@ struct QParams {
 };
 
 // ATen's ChooseQuantizationParams of a running range (what the ATen op calls, through fbgemm's
-// identical copy).
+// copy of it).
 QParams choose_qparams(float lo, float hi, int64_t qmin, int64_t qmax, bool symmetric) {
-  TORCH_CHECK(!(std::isinf(lo) && lo > 0),  // a per-tensor observer starts at +inf
+  TORCH_CHECK(!(lo == kInf && hi == -kInf),  // where a per-tensor observer starts; data that
+                                             // sends both there does not exist
               "FastFusedFakeQuantize: fake quantization is enabled but the observer has never "
               "seen data (enable the observer for at least one forward first)");
+  // A NaN seen by the observer (a diverging step) makes the range NaN. fbgemm's copy, which the
+  // ATen op calls, has no checks and returns scale NaN with the zero point x86 converts NaN to
+  // (INT32_MIN); ATen's header copy would throw instead. The output is then NaN everywhere and
+  // the gradient zero, as with the ATen op, and the training guard sees a non-finite loss.
+  if (std::isnan(lo) || std::isnan(hi))
+    return {std::numeric_limits<float>::quiet_NaN(),
+            static_cast<float>(std::numeric_limits<int32_t>::min())};
   const auto params = quant_utils::ChooseQuantizationParams(
       lo, hi, static_cast<int32_t>(qmin), static_cast<int32_t>(qmax),
       /*preserve_sparsity=*/symmetric, /*force_scale_power_of_two=*/false);
