@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.utils.cpp_extension as cpp_extension
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +64,12 @@ def _cpu_flags() -> str:
 
 
 def _command(output: Path) -> list[str]:
+    # Imported only to build: on a CUDA build of torch without a CUDA runtime (this project's
+    # machines) the import logs "No CUDA runtime is found, using CUDA_HOME=..." while it looks
+    # for nvcc, which a CPU-only library never uses; a run that finds the library cached never
+    # imports it.
+    import torch.utils.cpp_extension as cpp_extension
+
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     lib_dirs = cpp_extension.library_paths()
