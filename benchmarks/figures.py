@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -22,6 +23,11 @@ from qatdist.quant import compile_for_inference
 def _self_cpu_ms_per_op(step, images, labels, steps: int) -> dict[str, float]:
     """Self CPU time per step (ms) of every op `torch.profiler` sees in `steps` calls of
     `step`."""
+    # Kineto, the profiler's backend, logs "profiler_start" / "profiler_stop" and, in the CUDA
+    # build of torch on a machine without a GPU, "gpuGetDeviceCount failed with code 35" at
+    # every profile, though only CPU activities are asked for: level 6 is above all of its
+    # levels. Read when a profile starts; a level the user set is kept.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step(images, labels)
