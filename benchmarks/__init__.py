@@ -5,7 +5,7 @@ scaling, alternates the two configurations, so that noise from other work on the
 both sides alike. Absolute timings are for context only; the ratios are the result.
 
 This package sits outside `qatdist/` and uses only qatdist's public APIs (`QatModel`,
-`train_step`, `build_optimizer`, `qatdist.evaluate`, `qatdist.topology`, `qatdist.data`,
+`train_step`, `build_optimizer`, `qatdist.tasks.evaluate`, `qatdist.topology`, `qatdist.data`,
 `qatdist.distributed`). `scripts/bench.py` is the command line and owns the targets table;
 the tests call the functions here with tiny settings.
 

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from benchmarks.common import bound_train_step, qat_model
 from qatdist import config as qconfig
 from qatdist import data, topology
-from qatdist.demo import write_demo_shards
+from qatdist.data.demo import write_demo_shards
 from qatdist.distributed import DistEnv
 
 

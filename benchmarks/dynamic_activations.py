@@ -26,12 +26,12 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ModelConfig
-from qatdist.evaluate import side_by_side_latency_ms
 from qatdist.models import build_model
 from qatdist.quant import capture, compile_for_inference
-from qatdist.quant.attention import attribute_functional_linears
+from qatdist.quant.fixes.attention import attribute_functional_linears
 from qatdist.quant.inspect import count_quantized_ops
 from qatdist.quant.schedule import to_eval
+from qatdist.tasks.evaluate import side_by_side_latency_ms
 
 NUM_CLASSES = 10
 

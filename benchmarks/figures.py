@@ -16,8 +16,8 @@ from benchmarks.common import (
     qat_model,
     synthetic_batch,
 )
-from qatdist.evaluate import side_by_side_latency_ms
 from qatdist.quant import compile_for_inference
+from qatdist.tasks.evaluate import side_by_side_latency_ms
 
 
 def _self_cpu_ms_per_op(step, images, labels, steps: int) -> dict[str, float]:

@@ -14,9 +14,9 @@ from benchmarks.common import (
     qat_model,
     synthetic_batch,
 )
-from qatdist.evaluate import agreement_where_decided, side_by_side_latency_ms
 from qatdist.quant import compile_for_inference
 from qatdist.quant.capture import make_call_sites_distinct
+from qatdist.tasks.evaluate import agreement_where_decided, side_by_side_latency_ms
 
 
 def _hand_flow_prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:

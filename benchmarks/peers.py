@@ -10,15 +10,15 @@ same thread count everywhere, these stacks:
   - `qatdist_int8_aoti`: the AOTInductor package `scripts/export_final.py` writes
     (`model_int8_aoti.pt2`, dynamic batch);
   - `qatdist_int8_openvino`: the OpenVINO IR `export_final --formats ...,openvino` writes
-    (`qatdist.openvino_ir.export_ir`: the same quantizer's scales as FakeQuantize nodes), run by
-    OpenVINO.
+    (`qatdist.finish.openvino_ir.export_ir`: the same quantizer's scales as FakeQuantize
+    nodes), run by OpenVINO.
 - `openvino_int8`: NNCF PTQ (`nncf.quantize`, default preset) of the OpenVINO model.
 - `ort_int8`: ONNX Runtime static QDQ int8, per-channel weights (`quantize_static`, default
   S8S8), from the dynamo exporter's fp32 ONNX after `quant_pre_process` (which folds BatchNorm
   into the convolutions first, as ORT's docs recommend).
 - `inductor_fp32`, `openvino_fp32`: the fp32 model through Inductor (freezing) and OpenVINO.
 
-OpenVINO runs as `qatdist.openvino_ir.compile_model` sets it up (also for qatdist's OpenVINO
+OpenVINO runs as `qatdist.finish.openvino_ir.compile_model` sets it up (also for qatdist's OpenVINO
 export): `INFERENCE_PRECISION_HINT=f32`, since on a CPU with AVX512-BF16 its default "fp32"
 computes in bf16 (and its int8 model the layers between int8 ones), which is neither the fp32
 claim nor the numerics of Inductor's int8 graph, whose float parts are fp32.
@@ -66,9 +66,9 @@ import torch
 import torchvision
 from torch._inductor.utils import run_and_get_code
 
-from qatdist import openvino_ir
 from qatdist.config import QuantConfig
-from qatdist.finalize import aoti_package_source, build_aoti_package, export_int8
+from qatdist.finish import openvino_ir
+from qatdist.finish.finalize import aoti_package_source, build_aoti_package, export_int8
 from qatdist.quant import compile_for_inference
 from qatdist.quant.inspect import count_quantized_ops
 from qatdist.quant.ptq import post_training_int8, prepare_ptq

@@ -37,11 +37,11 @@ from pathlib import Path
 import psutil
 import torch
 
-from qatdist import report as reports
 from qatdist.config import Config, LogConfig
 from qatdist.distributed import all_gather_object, all_reduce_sum
 from qatdist.quant import inspect as quant_inspect
 from qatdist.quant import schedule
+from qatdist.run import report as reports
 
 log = logging.getLogger("qatdist")
 
@@ -90,28 +90,18 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 class AllReduceTimer:
-    """DDP comm hook: the default all-reduce (sum / world size), with each bucket's interval from
-    launch to the completion of its future recorded. `take()` returns the union of the
+    """Gradient all-reduce intervals, as `qatdist.distributed.wrap_ddp`'s comm hook reports
+    them (`record`, called on the backend's threads). `take()` returns the union of the
     intervals recorded since the last call (seconds during which a gradient all-reduce was in
     flight) and clears them."""
 
     def __init__(self) -> None:
         self._intervals: list[tuple[float, float]] = []
-        self._lock = threading.Lock()  # futures complete on the backend's threads
+        self._lock = threading.Lock()
 
-    def hook(self, process_group, bucket):
-        # No annotations: DDP checks them by identity, and this module's are strings.
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-        start = time.perf_counter()
-
-        def done(fut):
-            end = time.perf_counter()
-            with self._lock:
-                self._intervals.append((start, end))
-            return fut.value()
-
-        return allreduce_hook(process_group, bucket).then(done)
+    def record(self, start: float, end: float) -> None:
+        with self._lock:
+            self._intervals.append((start, end))
 
     def take(self) -> float:
         with self._lock:
@@ -180,7 +170,7 @@ class Monitor:
         if enabled and cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            from qatdist.runfolder import RunFolder
+            from qatdist.run.folder import RunFolder
 
             self.writer = SummaryWriter(log_dir=str(RunFolder(out_dir).tensorboard))
         self.allreduce = AllReduceTimer()
@@ -207,10 +197,6 @@ class Monitor:
         self._step_start: float | None = None
 
     # --- hooks into the loop ------------------------------------------------------------
-
-    def watch_ddp(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
-        """Time gradient all-reduce with a comm hook (call before the first backward)."""
-        ddp.register_comm_hook(None, self.allreduce.hook)
 
     def timed(self, batches: Iterable) -> Iterator:
         """Yield `batches`, timing how long each `next()` blocks (data wait) and starting the

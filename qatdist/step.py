@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from qatdist.config import Config
 from qatdist.models import build_fp32
-from qatdist.weights import WeightsSource, load_weights
+from qatdist.models.weights import WeightsSource, load_weights
 
 
 def build_teacher(

@@ -32,14 +32,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qatdist.train: config error: {e}", file=sys.stderr)
         return 2
 
-    from qatdist import data, demo, transforms  # heavy imports only once the config is valid
-    from qatdist.checkpoint import CheckpointError, find_complete
+    from qatdist import data  # heavy imports only once the config is valid
+    from qatdist.data import demo, transforms
     from qatdist.distributed import env_from_torchrun, init_process_group, shutdown
-    from qatdist.finalize import FinalCheckFailed, QuantizationIncomplete
+    from qatdist.distributed.route import RouteError, gloo_network
+    from qatdist.finish.finalize import FinalCheckFailed, QuantizationIncomplete
     from qatdist.guards import NonFiniteError
     from qatdist.monitor import setup_logging
-    from qatdist.runfolder import RunFolder
-    from qatdist.topology import RouteError, gloo_network, place_this_rank
+    from qatdist.run.checkpoint import CheckpointError, find_complete
+    from qatdist.run.folder import RunFolder
+    from qatdist.topology import place_this_rank
     from qatdist.trainer import Trainer
 
     env = env_from_torchrun()

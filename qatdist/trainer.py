@@ -15,15 +15,6 @@ import torch
 import torchao
 
 from qatdist import data, topology
-from qatdist.accuracy_control import AccuracyBudget
-from qatdist.baselines import Baselines
-from qatdist.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    find_complete,
-    read_checkpoint,
-    restore_rng_state,
-)
 from qatdist.config import Config, ConfigError, to_toml, with_schedule_steps
 from qatdist.distributed import (
     DistEnv,
@@ -31,15 +22,24 @@ from qatdist.distributed import (
     broadcast_object,
     wrap_ddp,
 )
-from qatdist.evaluate import count_correct, distributed_top1
-from qatdist.finalize import finalize
+from qatdist.finish.accuracy_budget import AccuracyBudget
+from qatdist.finish.baselines import Baselines
+from qatdist.finish.finalize import finalize
 from qatdist.guards import NonFiniteGuard
 from qatdist.monitor import Monitor
 from qatdist.optim import build_optimizer, build_scheduler
 from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
-from qatdist.report import report_fields
-from qatdist.runfolder import RunFolder
+from qatdist.run.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    find_complete,
+    read_checkpoint,
+    restore_rng_state,
+)
+from qatdist.run.folder import RunFolder
+from qatdist.run.report import report_fields
 from qatdist.step import Distillation, build_teacher, train_step
+from qatdist.tasks.evaluate import count_correct, distributed_top1
 
 
 class Trainer:
@@ -83,7 +83,19 @@ class Trainer:
             seed=cfg.train.seed,
         )
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
-        self.ddp = wrap_ddp(self.qat.prepared, cfg.runtime.grad_compression)
+        self.monitor = Monitor(
+            self.run.root,
+            cfg.log,
+            enabled=env.is_rank0,
+            total_steps=self.total_steps,
+            log_every_steps=cfg.train.log_every_steps,
+            global_batch_size=global_batch,
+        )
+        self.ddp = wrap_ddp(
+            self.qat.prepared,
+            cfg.runtime.grad_compression,
+            on_allreduce=self.monitor.allreduce.record,
+        )
         self.optimizer = build_optimizer(self.qat.parameters(), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps)
@@ -109,15 +121,6 @@ class Trainer:
         )
         self.checkpointer.remove_leftovers()  # rank 0 only: this run is the folder's one writer
 
-        self.monitor = Monitor(
-            self.run.root,
-            cfg.log,
-            enabled=env.is_rank0,
-            total_steps=self.total_steps,
-            log_every_steps=cfg.train.log_every_steps,
-            global_batch_size=global_batch,
-        )
-        self.monitor.watch_ddp(self.ddp)
         if env.is_rank0:
             self.run.root.mkdir(parents=True, exist_ok=True)
             self.run.resolved_config.write_text(to_toml(cfg))

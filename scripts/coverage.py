@@ -62,15 +62,16 @@ KNOWN_CAUSES = (
         "Output size is too small",
         "upstream (torch Inductor, fx_passes/quantization.py): the int8 max-pool lowering's "
         "low-memory pattern binds `ceil_mode` to its `offset_dtype` argument, so ceil-mode "
-        "pooling is lowered in floor mode; qatdist rewrites such pools (quant/ceil_pool.py) "
+        "pooling is lowered in floor mode; qatdist rewrites such pools (quant/fixes/ceil_pool.py) "
         "except those it warns about (dilation, used indices)",
     ),
     (
         "train",
         "is a view and is being modified inplace",
-        "qatdist (quant/fast_fake_quant.py): a fake quant whose output is a view made inside "
-        "its custom autograd Function, on which autograd forbids an in-place op (googlenet's "
-        "F.relu(inplace=True) after a BatchNorm the QAT conv-bn-relu pattern does not fuse, "
+        "qatdist (quant/kernels/fast_fake_quant.py): a fake quant whose output is a view made "
+        "inside its custom autograd Function, on which autograd forbids an in-place op "
+        "(googlenet's F.relu(inplace=True) after a BatchNorm the QAT conv-bn-relu pattern does "
+        "not fuse, "
         "efficientnet_v2's residual `+=`); fixed: the op returns a tensor of its own",
     ),
     (
@@ -168,11 +169,11 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
 
     from qatdist.config import Config, QuantConfig
     from qatdist.data import train_batches, val_batches
-    from qatdist.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
     from qatdist.optim import build_optimizer
     from qatdist.quant import QatModel, capture, compile_for_inference
     from qatdist.quant.inspect import constant_layers, count_quantized_ops
     from qatdist.step import train_step
+    from qatdist.tasks.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
 
     size, batch = row["image_size"], args.batch_size
     data = _demo_data(json.loads(args.shards), size)
@@ -353,7 +354,7 @@ def run_child(row: dict, args: argparse.Namespace, work: Path) -> dict:
 
 def write_demo(work: Path) -> str:
     """Small demo shards (32 px; the transforms resize to each model's size) as JSON paths."""
-    from qatdist.demo import write_demo_shards
+    from qatdist.data.demo import write_demo_shards
 
     train, val = write_demo_shards(
         work / "shards", train_per_class=8, val_per_class=4, seed=0, image_size=32, shard_size=40

@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print("export_final.py: error: --iters must be >= 1", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from qatdist.export import ExportError, export_run  # heavy imports after argument checks
-    from qatdist.runfolder import RunFolder
+    from qatdist.finish.export import ExportError, export_run  # heavy imports after argument checks
+    from qatdist.run.folder import RunFolder
 
     try:
         report = export_run(

@@ -56,12 +56,12 @@ def fp32_state(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, Pat
     """The fp32 model's state dict held by `checkpoint` (default: the run's newest complete
     one), checked to load strictly into the model built from the run's config, and the
     checkpoint folder read. Raises ExportError naming what is missing, corrupt or mismatched."""
-    from qatdist.checkpoint import CheckpointError, read_model_state
     from qatdist.config import ConfigError
-    from qatdist.export import ExportError, find_checkpoint, load_config
+    from qatdist.finish.export import ExportError, find_checkpoint, load_config
     from qatdist.models import build_model
     from qatdist.quant.ptq import float_weights
-    from qatdist.runfolder import RunFolder
+    from qatdist.run.checkpoint import CheckpointError, read_model_state
+    from qatdist.run.folder import RunFolder
 
     cfg = load_config(run_dir)
     folder = find_checkpoint(run_dir, checkpoint)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.is_dir():
         print(f"fp32_weights.py: error: --out {args.out} is a directory", file=sys.stderr)
         return 2
-    from qatdist.export import ExportError  # heavy imports after argument checks
+    from qatdist.finish.export import ExportError  # heavy imports after argument checks
 
     try:
         state, folder = fp32_state(args.run_dir, args.checkpoint)

@@ -14,8 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from qatdist import demo
-from qatdist.shards import ShardError, make_image_folder_shards
+from qatdist.data import demo
+from qatdist.data.shards import ShardError, make_image_folder_shards
 
 DEMO_FLAGS = ("train_per_class", "val_per_class", "image_size")
 

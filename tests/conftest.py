@@ -37,7 +37,7 @@ def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, env=None):
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> dict[str, str]:
     """Small demo shards (32x32, 10 classes): 4 train shards, 2 val shards."""
-    from qatdist.demo import write_demo_shards
+    from qatdist.data.demo import write_demo_shards
 
     out = tmp_path_factory.mktemp("shards")
     train, val = write_demo_shards(

@@ -414,9 +414,9 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
     """AccuracyBudget (the trainer's side) on one gloo rank: two hostile layers, one candidate
     measured, budget 0. The budget is not met, the returned model keeps the best layer found in
     fp32 (after one fine-tuning step), and a warning says so."""
-    from qatdist.accuracy_control import AccuracyBudget
     from qatdist.config import Config, DataConfig, RuntimeConfig
     from qatdist.distributed import DistEnv
+    from qatdist.finish.accuracy_budget import AccuracyBudget
     from qatdist.quant import QatModel
     from qatdist.quant.inspect import annotated_layers
 
@@ -465,7 +465,7 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
 def test_fallback_to_fp32_accepts_attention_projections_called_as_functions():
     """A MultiheadAttention's input projection is a parameter, not a module: the budget (and
     export_final) can still keep it fp32 by its quantized-layer name; unknown names fail."""
-    from qatdist.accuracy_control import with_fp32_layers
+    from qatdist.finish.accuracy_budget import with_fp32_layers
     from qatdist.models import tiny_vit
     from qatdist.quant import QatModel
     from qatdist.quant.inspect import annotated_layers

@@ -1,5 +1,6 @@
-"""Ceil-mode int8 max pooling through Inductor: the rewrite in qatdist.quant.ceil_pool is exact
-(bitwise, eager) and the compiled model keeps ceil mode's shapes and the int8 max-pool kernel."""
+"""Ceil-mode int8 max pooling through Inductor: the rewrite in qatdist.quant.fixes.ceil_pool is
+exact (bitwise, eager) and the compiled model keeps ceil mode's shapes and the int8 max-pool
+kernel."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import qatdist.quant.convert as convert
 from qatdist.config import QuantConfig
 from qatdist.quant import QatModel
-from qatdist.quant.ceil_pool import ceil_output_size, rewrite_ceil_mode_int8_max_pools
+from qatdist.quant.fixes.ceil_pool import ceil_output_size, rewrite_ceil_mode_int8_max_pools
 from qatdist.quant.inspect import annotated_layers, count_quantized_ops
 
 IMAGE_SIZE = 12  # pool sizes 12 -> 6 (floor: 5), 6 -> 4 (floor: 3), 2 -> 1 (floor: 0)

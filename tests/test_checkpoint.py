@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from qatdist.checkpoint import (
+from qatdist.config import CheckpointConfig
+from qatdist.run.checkpoint import (
     Checkpointer,
     CheckpointError,
     capture_rng_state,
@@ -30,7 +31,6 @@ from qatdist.checkpoint import (
     read_model_state,
     restore_rng_state,
 )
-from qatdist.config import CheckpointConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -179,7 +179,7 @@ KILLED_WRITER = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import torch
-    from qatdist.checkpoint import Checkpointer
+    from qatdist.run.checkpoint import Checkpointer
     from qatdist.config import CheckpointConfig
 
     out_dir, kill_at = Path(sys.argv[1]), sys.argv[2]

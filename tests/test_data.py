@@ -15,9 +15,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from qatdist import config, data, demo
+from qatdist import config, data
 from qatdist.config import ConfigError, DataConfig
-from qatdist.data import DataError
+from qatdist.data import DataError, demo
 
 SIZE = 16
 # Labels are unique sample ids so that a batch's labels say exactly which samples it holds.

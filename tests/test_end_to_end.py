@@ -71,7 +71,7 @@ def test_distillation_teacher_ran(run):
 
 
 def test_report_keys_are_registered(run):
-    from qatdist.report import REPORT_KEYS, report_fields
+    from qatdist.run.report import REPORT_KEYS, report_fields
 
     assert set(run["report"]) <= set(REPORT_KEYS)
     report_fields(**run["report"])  # every value has its registered type

@@ -19,10 +19,10 @@ from torchao.quantization.pt2e.observer import (
 )
 
 from qatdist.config import QuantConfig
-from qatdist.quant import native_ops, schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.fast_fake_quant import FastFusedFakeQuantize, use_fast_fake_quant
+from qatdist.quant.kernels import native_ops, schedule
+from qatdist.quant.kernels.fast_fake_quant import FastFusedFakeQuantize, use_fast_fake_quant
 from qatdist.quant.prepare import prepare_qat
 
 
@@ -251,7 +251,7 @@ def test_a_failing_compiler_is_a_clear_error_and_leaves_no_library(tmp_path):
     """The C++ ops are built on first use; a compiler that fails stops the process with the
     command, the compiler's output and the way out, and caches nothing."""
     env = {**os.environ, "CXX": "false", "QATDIST_CACHE_DIR": str(tmp_path)}
-    code = "from qatdist.quant import native_ops; native_ops.load()"
+    code = "from qatdist.quant.kernels import native_ops; native_ops.load()"
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
     )

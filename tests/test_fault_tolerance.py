@@ -27,8 +27,8 @@ import pytest
 from conftest import tiny_run_args
 from jobs import Job, run_to_end, torchrun_command
 
-from qatdist.checkpoint import Checkpointer
 from qatdist.config import CheckpointConfig
+from qatdist.run.checkpoint import Checkpointer
 
 STEPS = 18  # 3 epochs x 6 steps
 
@@ -94,7 +94,7 @@ KILL_MID_WRITE = textwrap.dedent(
     # first file of checkpoint step-<step> is written: a real kill inside a write, at a known
     # point. Usage: kill_mid_write.py <step> <attempt> [train args].
     import os, signal, sys
-    from qatdist import checkpoint, train
+    from qatdist.run import checkpoint, train
 
     step, attempt = sys.argv[1:3]
     if os.environ["RANK"] == "0" and os.environ["TORCHELASTIC_RESTART_COUNT"] == attempt:

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatdist.checkpoint import read_model_state
 from qatdist.config import ModelConfig
 from qatdist.models import build_model
-from qatdist.runfolder import RunFolder
+from qatdist.run.checkpoint import read_model_state
+from qatdist.run.folder import RunFolder
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "fp32_weights.py"

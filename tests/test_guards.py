@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import ROOT, tiny_run_args, torchrun
 
-from qatdist.checkpoint import verify
 from qatdist.guards import NonFiniteError, NonFiniteGuard
+from qatdist.run.checkpoint import verify
 
 # A learning rate that blows the weights up in the first update: step 2's loss is not finite.
 DIVERGE = ["--train.lr=1e12", "--optim.warmup_steps=0", "--quant.fake_quant_start_step=0"]

@@ -1,4 +1,4 @@
-"""ImageFolder -> shards (qatdist.shards) and the scripts/make_shards.py command line."""
+"""ImageFolder -> shards (qatdist.data.shards) and the scripts/make_shards.py command line."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from qatdist import data, demo
+from qatdist import data
 from qatdist.config import DataConfig
-from qatdist.shards import ShardError, make_image_folder_shards
+from qatdist.data import demo
+from qatdist.data.shards import ShardError, make_image_folder_shards
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_shards.py"
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}

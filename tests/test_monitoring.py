@@ -393,7 +393,7 @@ def test_final_prints_baselines_and_writes_them_to_tensorboard(tmp_path, capsys)
 
     from qatdist.config import Config, LogConfig
     from qatdist.monitor import Monitor
-    from qatdist.report import with_derived
+    from qatdist.run.report import with_derived
 
     report = with_derived(
         {

@@ -20,16 +20,19 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from torchvision.models import swin_transformer
 
 from qatdist.config import QuantConfig
-from qatdist.evaluate import agreement_where_decided
-from qatdist.finalize import coverage
+from qatdist.finish.finalize import coverage
 from qatdist.models import tiny_vit
 from qatdist.quant import schedule
-from qatdist.quant.attention import attribute_functional_linears
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
-from qatdist.quant.fast_annotate import fast_sequential_partitions, find_sequential_partitions_fast
+from qatdist.quant.fixes.attention import attribute_functional_linears
+from qatdist.quant.fixes.fast_annotate import (
+    fast_sequential_partitions,
+    find_sequential_partitions_fast,
+)
 from qatdist.quant.inspect import annotated_layers, constant_layers, count_quantized_ops
 from qatdist.quant.prepare import build_quantizer, prepare_qat
+from qatdist.tasks.evaluate import agreement_where_decided
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 

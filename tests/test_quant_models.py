@@ -10,13 +10,13 @@ from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxO
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
 from qatdist.config import ConfigError, QuantConfig
-from qatdist.evaluate import agreement_where_decided
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
 from qatdist.quant.inspect import annotated_layers, count_quantized_ops
 from qatdist.quant.model import QatModel
 from qatdist.quant.prepare import build_quantizer, prepare_qat
 from qatdist.quant.ptq import prepare_ptq, ptq_quantization_config
+from qatdist.tasks.evaluate import agreement_where_decided
 
 
 def _fake_quant_count(model):
@@ -109,8 +109,8 @@ def test_mobilenet_v3_prepares_trains_converts_and_compiles():
 def test_skipping_absent_conv_types_converts_identically():
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    from qatdist.quant.kernels.weight_scaling import restore_weight_scaling
     from qatdist.quant.schedule import to_eval
-    from qatdist.quant.weight_scaling import restore_weight_scaling
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT, torchrun
 from PIL import Image
 
-from qatdist.factories import load_factory
+from qatdist.config.factories import load_factory
 
 SHARED = ROOT.parent / "shared"
 CIFAR = SHARED / "data" / "cifar10"

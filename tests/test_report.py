@@ -9,14 +9,14 @@ import pytest
 import torch
 from tiny_model import tiny_cnn  # tests/ is on sys.path (pytest's rootdir conftest)
 
-from qatdist import finalize as fin
-from qatdist import report as reports
 from qatdist.config import QuantConfig
-from qatdist.evaluate import DecidedAgreement, agreement_where_decided, top2_margin
+from qatdist.finish import finalize as fin
 from qatdist.quant import QatModel
 from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.schedule import to_eval
+from qatdist.run import report as reports
+from qatdist.tasks.evaluate import DecidedAgreement, agreement_where_decided, top2_margin
 
 # --- margin-aware agreement -------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-from qatdist.topology import route
-from qatdist.topology.route import RouteError
+from qatdist.distributed import route
+from qatdist.distributed.route import RouteError
 
 FAKE = {"lo": ["127.0.0.1", "::1"], "veth7": ["10.231.0.1"], "ifb0": []}
 

@@ -14,16 +14,16 @@ from tiny_model import MBConvBlock
 from torch import nn
 
 from qatdist.config import QuantConfig
-from qatdist.finalize import FinalCheckFailed, check_deterministic
+from qatdist.finish.finalize import FinalCheckFailed, check_deterministic
 from qatdist.quant import QatModel, QatPhase, schedule
 from qatdist.quant.capture import capture
-from qatdist.quant.prepare import prepare_qat
-from qatdist.quant.training_only import (
+from qatdist.quant.fixes.training_only import (
     TrainingOnlyBranchError,
     describe,
     eager_mismatch,
     random_nodes,
 )
+from qatdist.quant.prepare import prepare_qat
 
 IMAGE_SIZE = 16
 

@@ -13,16 +13,16 @@ import torch.nn.functional as F
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from qatdist.config import QuantConfig
-from qatdist.quant import native_ops, schedule, weight_scaling
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.fast_fake_quant import (
+from qatdist.quant.kernels import native_ops, schedule, weight_scaling
+from qatdist.quant.kernels.fast_fake_quant import (
     divided_in_weight,
     scaled_weight,
     scaled_weight_divided_back,
 )
+from qatdist.quant.kernels.weight_scaling import restore_weight_scaling
 from qatdist.quant.prepare import prepare_qat
-from qatdist.quant.weight_scaling import restore_weight_scaling
 
 
 class _ConvBnNet(nn.Module):

@@ -18,9 +18,9 @@ from torch import nn
 
 from qatdist import config, report, transforms
 from qatdist.config import ConfigError, DataConfig, ModelConfig
-from qatdist.factories import load_factory
+from qatdist.config.factories import load_factory
 from qatdist.models import build_fp32, build_model
-from qatdist.weights import load_weights
+from qatdist.models.weights import load_weights
 
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "resnet20_cifar10"
 
@@ -117,7 +117,7 @@ def test_the_load_is_logged_in_one_line(tmp_path, caplog):
     torch.save({"state_dict": nn.DataParallel(trained()).state_dict()}, path)
     with caplog.at_level("INFO", logger="qatdist"):
         load_weights(Net(), str(path))
-    (line,) = [r.getMessage() for r in caplog.records if r.name == "qatdist.weights"]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "qatdist.models.weights"]
     assert str(path.resolve()) in line
     assert "under 'state_dict'" in line and "prefix 'module.' stripped" in line
 

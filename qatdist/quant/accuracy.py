@@ -32,9 +32,9 @@ import torch
 
 from qatdist.config import QuantConfig
 from qatdist.distributed import all_gather_object, broadcast_object
-from qatdist.evaluate import count_correct, side_by_side_latency_ms
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
 from qatdist.quant.layer_error import Rebuild, float_twin, layer_sqnr_db
+from qatdist.tasks.evaluate import count_correct, side_by_side_latency_ms
 
 # top-1 of a model (its forward) on the full validation set
 Evaluate = Callable[[Callable[[torch.Tensor], torch.Tensor]], float]

@@ -15,11 +15,11 @@ import torch
 import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-from qatdist.quant.batchnorm import fold_with_model_bn_eps
-from qatdist.quant.ceil_pool import rewrite_ceil_mode_int8_max_pools
-from qatdist.quant.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.fixes.batchnorm import fold_with_model_bn_eps
+from qatdist.quant.fixes.ceil_pool import rewrite_ceil_mode_int8_max_pools
+from qatdist.quant.fixes.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.kernels.weight_scaling import restore_weight_scaling
 from qatdist.quant.schedule import to_eval
-from qatdist.quant.weight_scaling import restore_weight_scaling
 
 
 def convert_to_int8(
@@ -29,7 +29,7 @@ def convert_to_int8(
 
     Works on a deep copy: the prepared model keeps training unchanged. `fold_quantize=False`
     keeps each weight fp32 followed by its quantize/dequantize pair instead of an int8
-    constant (what OpenVINO's frontend can read, `qatdist.openvino_ir`).
+    constant (what OpenVINO's frontend can read, `qatdist.finish.openvino_ir`).
     """
     prepared_copy = copy.deepcopy(prepared)
     restore_weight_scaling(prepared_copy)  # the conv-BN fold matches the original `mul`

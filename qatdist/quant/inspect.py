@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import torch
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-from qatdist.quant.constant_layers import input_dependent
-from qatdist.quant.fast_fake_quant import ScaledWeight
+from qatdist.quant.fixes.constant_layers import input_dependent
+from qatdist.quant.kernels.fast_fake_quant import ScaledWeight
 
 _PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 

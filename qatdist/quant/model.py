@@ -15,16 +15,20 @@ from collections.abc import Iterator
 import torch
 
 from qatdist.config import ModelConfig, QuantConfig
-from qatdist.evaluate import preserved_rng
 from qatdist.models import build_fp32
+from qatdist.models.weights import WeightsSource
 from qatdist.quant import schedule
 from qatdist.quant.convert import convert_to_int8
+from qatdist.quant.fixes.training_only import (
+    TrainingOnlyBranchError,
+    capture_for_qat,
+    eager_mismatch,
+)
 from qatdist.quant.prepare import prepare_qat
 from qatdist.quant.ptq import float_weights
 from qatdist.quant.schedule import QatPhase
 from qatdist.quant.sync import SyncStats, sync_quant_stats
-from qatdist.quant.training_only import TrainingOnlyBranchError, capture_for_qat, eager_mismatch
-from qatdist.weights import WeightsSource
+from qatdist.tasks.evaluate import preserved_rng
 
 
 class QatModel:

@@ -19,14 +19,14 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ConfigError, QuantConfig
-from qatdist.quant.attention import attribute_functional_linears
-from qatdist.quant.batchnorm import bn_literals, restore_bn_literals
-from qatdist.quant.constant_layers import drop_constant_annotations
-from qatdist.quant.conv_bn_patterns import only_present_conv_types
-from qatdist.quant.fast_annotate import fast_sequential_partitions
-from qatdist.quant.fast_fake_quant import use_fast_fake_quant
-from qatdist.quant.functional_activations import attribute_functional_activations
-from qatdist.quant.weight_scaling import defer_weight_scaling
+from qatdist.quant.fixes.attention import attribute_functional_linears
+from qatdist.quant.fixes.batchnorm import bn_literals, restore_bn_literals
+from qatdist.quant.fixes.constant_layers import drop_constant_annotations
+from qatdist.quant.fixes.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.fixes.fast_annotate import fast_sequential_partitions
+from qatdist.quant.fixes.functional_activations import attribute_functional_activations
+from qatdist.quant.kernels.fast_fake_quant import use_fast_fake_quant
+from qatdist.quant.kernels.weight_scaling import defer_weight_scaling
 
 
 def _resolve_type(dotted: str) -> type:

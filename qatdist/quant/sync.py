@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torchao.quantization.pt2e import observer as ao_observer
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
-from qatdist.quant.fast_fake_quant import write_resized
+from qatdist.quant.kernels.fast_fake_quant import write_resized
 
 _MOVING_AVERAGE = (
     ao_observer.MovingAverageMinMaxObserver,

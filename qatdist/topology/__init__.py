@@ -8,11 +8,8 @@
 - `apply`: `apply()` pins the calling process, binds its memory through libnuma and sets the
   torch thread count, returning an `AppliedPlacement`; `place_this_rank()` does all of it for a
   training rank; `widen()` and `pin_loader_worker()` re-pin later.
-- `route`: `route_to()` finds the local address and interface the kernel routes to another
-  host; `check_gloo_ifname()` checks a GLOO_SOCKET_IFNAME value; `gloo_network()` says what
-  gloo in this process binds to (recorded in topology.json as `network`).
 - `cli`: `python -m qatdist.topology --nproc-per-node N` prints the plan as JSON, `--route-to
-  HOST` the route (see `--help`).
+  HOST` the route (`qatdist.distributed.route`; see `--help`).
 """
 
 from qatdist.topology.apply import (
@@ -41,13 +38,6 @@ from qatdist.topology.plan import (
     node_cpus,
     plan,
 )
-from qatdist.topology.route import (
-    Route,
-    RouteError,
-    check_gloo_ifname,
-    gloo_network,
-    route_to,
-)
 
 __all__ = [
     "INT8_DOT_PRODUCT_FLAGS",
@@ -57,22 +47,17 @@ __all__ = [
     "AppliedSteps",
     "Cpu",
     "RankPlacement",
-    "Route",
-    "RouteError",
     "Topology",
     "apply",
-    "check_gloo_ifname",
     "cpu_int8_capabilities",
     "cpu_int8_preflight",
     "discover",
     "format_cpulist",
-    "gloo_network",
     "local_placement",
     "node_cpus",
     "parse_cpulist",
     "pin_loader_worker",
     "place_this_rank",
     "plan",
-    "route_to",
     "widen",
 ]

@@ -9,9 +9,7 @@ import os
 import sys
 import warnings
 
-from qatdist.topology.discover import discover, parse_cpulist
-from qatdist.topology.plan import plan
-from qatdist.topology.route import (
+from qatdist.distributed.route import (
     GLOO_IFNAME_VAR,
     RouteError,
     check_gloo_ifname,
@@ -21,6 +19,8 @@ from qatdist.topology.route import (
     split_endpoint,
     wait_for_listener,
 )
+from qatdist.topology.discover import discover, parse_cpulist
+from qatdist.topology.plan import plan
 
 
 def _cpulist_arg(text: str) -> list[int]:

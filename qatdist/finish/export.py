@@ -2,11 +2,12 @@
 
 `scripts/export_final.py` is the command line. The QAT model is rebuilt from the run's
 `resolved_config.toml` exactly as the trainer builds it (`QatModel.build`), the checkpoint's
-model state (read through `qatdist.checkpoint`) is loaded into it, and
-`qatdist.finalize.finalize` (the trainer's own end-of-run step) converts, compiles, measures and
-writes the artifacts. Layers the trainer's accuracy budget kept in fp32 (its report of the same
-step lists them) stay in fp32 here too; the fine-tuning the search may have run after each
-change (`quant.fallback_finetune_steps`) is not in the checkpoint and is not repeated.
+model state (read through `qatdist.run.checkpoint`) is loaded into it, and
+`qatdist.finish.finalize.finalize` (the trainer's own end-of-run step) converts, compiles,
+measures and writes the artifacts. Layers the trainer's accuracy budget kept in fp32 (its
+report of the same step lists them) stay in fp32 here too; the fine-tuning the search may
+have run after each change (`quant.fallback_finetune_steps`) is not in the checkpoint and is
+not repeated.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import tomllib
 
-from qatdist import config, data, openvino_ir
-from qatdist.accuracy_control import with_fp32_layers
-from qatdist.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
-from qatdist.evaluate import count_correct
-from qatdist.finalize import FinalCheckFailed, QuantizationIncomplete, finalize
+from qatdist import config, data
+from qatdist.finish import openvino_ir
+from qatdist.finish.accuracy_budget import with_fp32_layers
+from qatdist.finish.finalize import FinalCheckFailed, QuantizationIncomplete, finalize
 from qatdist.quant import QatModel
-from qatdist.runfolder import RunFolder
+from qatdist.run.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
+from qatdist.run.folder import RunFolder
+from qatdist.tasks.evaluate import count_correct
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def export_run(
     """Export `checkpoint` (default: the newest intact one) of the run in `run_dir` into
     `out_dir` (default `<run_dir>/final`); `latency_iters` defaults to the run's
     `runtime.latency_iters`. `formats`: "pt2" (model_int8.pt2, always written), "aoti" (the
-    AOTInductor package), "openvino" (the OpenVINO IR, `qatdist.openvino_ir`). Returns the
+    AOTInductor package), "openvino" (the OpenVINO IR, `qatdist.finish.openvino_ir`). Returns the
     report. Raises ExportError before writing anything when the run directory, its config, its
     data or the checkpoint are missing or corrupt, or a format's package is not installed."""
     if "openvino" in formats and (why := openvino_ir.missing()):

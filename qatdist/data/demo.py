@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qatdist.config import DataConfig
-from qatdist.shards import shard_pattern, write_shards
+from qatdist.config import DEMO_DIR, DEMO_SHARDS, DataConfig, is_demo_pattern
+from qatdist.data.shards import shard_pattern, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +37,6 @@ TEXTURES = ("stripes", "checker")
 CLASS_NAMES = tuple(f"{shape}-{texture}" for shape in SHAPES for texture in TEXTURES)
 NUM_CLASSES = len(CLASS_NAMES)
 _SPLITS = {"train": 0, "val": 1}
-# The built-in demo's own shard patterns, per config key (configs/default.toml uses them). With
-# data.generate_demo they are written on first use; no other pattern is ever written to.
-DEMO_DIR = Path("data/demo")
-DEMO_SHARDS = {
-    "train_shards": f"{DEMO_DIR}/train-{{000000..000007}}.tar",
-    "val_shards": f"{DEMO_DIR}/val-{{000000..000001}}.tar",
-}
 
 # Difficulty knobs (uniform ranges), calibrated with a short ResNet-18 run; see the docstring.
 RADIUS = (0.28, 0.42)  # object radius as a fraction of the image size
@@ -222,12 +215,6 @@ def write_demo_shards(
         write_demo_split(paths, per_class, seed, image_size, split)
         patterns.append(shard_pattern(out, split, count))
     return patterns[0], patterns[1]
-
-
-def is_demo_pattern(key: str, pattern: str) -> bool:
-    """True when `pattern` is the built-in demo's own pattern for config key `key`
-    ('train_shards' or 'val_shards'), the only patterns the demo generator writes to."""
-    return DEMO_SHARDS[key] == pattern
 
 
 def _demo_paths(key: str) -> list[Path]:

@@ -1,8 +1,8 @@
 """Checkpoint folders on disk: the manifest, hashed files, and the read-only loader.
 
-`qatdist.checkpoint` writes folders (and re-exports the reading functions below); anything that
+`qatdist.run.checkpoint` writes folders (and re-exports the reading functions below); anything that
 only reads a checkpoint (resume, `export_final.py`, path validation) uses these functions, which
-never write, rename or delete anything. See `qatdist.checkpoint` for the folder layout.
+never write, rename or delete anything. See `qatdist.run.checkpoint` for the folder layout.
 
 Every file is read back with `torch.load(weights_only=True)` after its size and sha256 are
 checked against the manifest, so a checkpoint cannot run code on load and damage is named.
@@ -65,7 +65,9 @@ def latest(root: Path) -> Path | None:
         try:
             verify(folder)
         except CheckpointError as e:
-            warnings.warn(f"qatdist.checkpoint: skipping checkpoint {folder}: {e}", stacklevel=2)
+            warnings.warn(
+                f"qatdist.run.checkpoint: skipping checkpoint {folder}: {e}", stacklevel=2
+            )
             continue
         return folder
     return None
@@ -202,7 +204,7 @@ def _load_file(path: Path, entry: dict) -> dict:
     return obj
 
 
-# --- writing primitives (used by qatdist.checkpoint) ---------------------------------------
+# --- writing primitives (used by qatdist.run.checkpoint) ---------------------------------------
 
 
 def write_synced(path: Path, data: bytes) -> None:

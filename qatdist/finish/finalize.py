@@ -1,21 +1,21 @@
 """The end of a run: convert, compile with freezing, evaluate, benchmark, save the artifacts.
 
 One implementation for the trainer's last step (rank 0, `Trainer.finish`) and for
-`scripts/export_final.py` (`qatdist.export`). Files written into `out_dir`:
+`scripts/export_final.py` (`qatdist.finish.export`). Files written into `out_dir`:
 
     model_int8.pt2        the converted model, `torch.export.save`, dynamic batch dimension;
                           load it with `qatdist.quant.load_int8` so a compile uses int8 kernels
     model_int8_aoti.pt2   AOTInductor package built with freezing (when `aoti=True`)
     model_int8_openvino.xml, .bin
                           OpenVINO IR of the same prepared model (when `openvino=True`;
-                          `qatdist.openvino_ir`), checked to run int8 kernels
+                          `qatdist.finish.openvino_ir`), checked to run int8 kernels
     reference_io.pt       an input batch and the converted model's logits for it
     val_reference.pt      the first validation samples: images, labels, converted model's logits
     report.json, report.md, latency.png
 
 Everything is built in a temporary folder beside `out_dir` and moved into place at the end,
 so a failure part-way leaves `out_dir` as it was. The report's keys are defined in
-`qatdist.report`.
+`qatdist.run.report`.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import torchvision
 from torch._inductor.utils import run_and_get_code
 from torch.export import Dim
 
-from qatdist import openvino_ir
-from qatdist import report as reports
-from qatdist.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
+from qatdist.finish import openvino_ir
 from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.convert import compile_for_inference, convert_to_int8
+from qatdist.run import report as reports
+from qatdist.tasks.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
 from qatdist.topology import cpu_int8_capabilities
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def coverage(
     converted graph keeps in float; a shortfall in generated code it cannot name is listed as
     "<n> <kind> layer(s) not lowered to int8 in <code>". `constant_layers` names the layers
     computed from parameters only, which freezing folds (never annotated, see
-    `qatdist.quant.constant_layers`)."""
+    `qatdist.quant.fixes.constant_layers`)."""
     annotated = quant_inspect.annotated_layers(prepared)
     wanted = set(annotated["conv"] + annotated["linear"])
     unquantized = [name for name in quant_inspect.float_layers(int8_model) if name in wanted]
@@ -442,10 +442,10 @@ def finalize(
     at the largest of `batch_sizes`, latency (`latency_iters` timed runs, interleaved) at each.
     With `compile_model=False` the eager models are measured and no AOTI package is built;
     `aoti=False` skips only the AOTI package. `openvino=True` also writes the OpenVINO IR
-    (`qatdist.openvino_ir`; FinalCheckFailed when its runtime model has no int8 kernel), measured
-    beside the others. `report` holds the caller's fields (model, steps,
+    (`qatdist.finish.openvino_ir`; FinalCheckFailed when its runtime model has no int8
+    kernel), measured beside the others. `report` holds the caller's fields (model, steps,
     fp32_fake_quant_top1, fp32_top1, ptq_int8_top1, ...), merged into report.json with the
-    derived ones (`qatdist.report.with_derived`). Returns the full report.
+    derived ones (`qatdist.run.report.with_derived`). Returns the full report.
 
     Annotated layers left in float set `quantization_complete: false` and a warning; with
     `require_full_quantization` they raise QuantizationIncomplete and nothing is written. An

@@ -36,14 +36,14 @@ from torchao.quantization.pt2e.observer import (
     MovingAveragePerChannelMinMaxObserver,
 )
 
-from qatdist.quant import native_ops
+from qatdist.quant.kernels import native_ops
 
 
 class ScaledWeight(NamedTuple):
     """A conv weight and its per-output-channel scale, not yet multiplied: what
     `scaled_weight` hands a `FastFusedFakeQuantize` so the product is taken in its kernel
-    (`qatdist.quant.weight_scaling`). With `divide_back`, the fake-quantized product is divided
-    by the scale again, which the graph would otherwise do to the conv's output."""
+    (`qatdist.quant.kernels.weight_scaling`). With `divide_back`, the fake-quantized product is
+    divided by the scale again, which the graph would otherwise do to the conv's output."""
 
     weight: torch.Tensor
     scale: torch.Tensor  # broadcastable against `weight`: (channels, 1, ..., 1)

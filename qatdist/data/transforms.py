@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from qatdist.config import ConfigError, DataConfig
-from qatdist.factories import describe_error, load_factory
+from qatdist.config.factories import describe_error, load_factory
 
 TRAIN_RATIO = (4 / 5, 5 / 4)  # RandomResizedCrop aspect-ratio range of the built-in transform
 
@@ -170,13 +170,3 @@ def check_transform(cfg: DataConfig) -> None:
             "and equally seeded rng; it must draw randomness only from the rng it is given "
             "(the bit-exact resume depends on it)"
         )
-
-
-def input_description(cfg: DataConfig) -> str:
-    """What an input of the trained model must look like, for reports."""
-    size = cfg.image_size
-    return (
-        f"RGB image, shorter side resized to {size} px and centre-cropped to {size}x{size}; "
-        f"float32 tensor (N, 3, {size}, {size}), channels first, pixel values / 255 "
-        f"normalised per channel with mean {list(cfg.mean)} and std {list(cfg.std)}"
-    )

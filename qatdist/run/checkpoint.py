@@ -21,7 +21,7 @@ Every rank's RNG states are gathered to rank 0, which writes them all: nodes nee
 filesystem to save. Resuming does assume a shared filesystem (or the folder copied to every
 node): each rank reads the parts and its own `rng-rank<R>.pt` from the same folder.
 
-Reading lives in `qatdist.checkpoint_io` and is re-exported here: `find_complete(root,
+Reading lives in `qatdist.run.checkpoint_io` and is re-exported here: `find_complete(root,
 resume_from)` returns the requested folder or the newest one whose files all match the manifest's
 hashes (a corrupt or unreadable one is reported with a warning naming it and skipped, so a run
 resumes from the previous checkpoint rather than failing or loading damaged state);
@@ -42,7 +42,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qatdist.checkpoint_io import (
+from qatdist.config import CheckpointConfig
+from qatdist.distributed import all_gather_object, broadcast_object
+from qatdist.run.checkpoint_io import (
     FORMAT,
     MANIFEST,
     TMP_PREFIX,
@@ -60,9 +62,7 @@ from qatdist.checkpoint_io import (
     verify,
     write_synced,
 )
-from qatdist.config import CheckpointConfig
-from qatdist.distributed import all_gather_object, broadcast_object
-from qatdist.runfolder import RunFolder
+from qatdist.run.folder import RunFolder
 
 __all__ = [
     "CheckpointError",
@@ -212,7 +212,7 @@ class Checkpointer:
                 verify(final)
                 return final
             except CheckpointError as e:  # e.g. the corrupt newest one a resume skipped
-                warnings.warn(f"qatdist.checkpoint: replacing {final}: {e}", stacklevel=2)
+                warnings.warn(f"qatdist.run.checkpoint: replacing {final}: {e}", stacklevel=2)
         self._make_root()
         if final.exists():  # incomplete, corrupt, or not written by this module
             self._remove(final)

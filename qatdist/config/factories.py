@@ -2,7 +2,8 @@
 from sys.path, or 'path/to/file.py:function', a file loaded by path (relative to the working
 directory), so a model or transform of another codebase needs no PYTHONPATH.
 
-Only the standard library is imported here: `config_checks` uses `factory_file` before launch.
+Only the standard library is imported here: `qatdist.config.checks` uses `factory_file` before
+launch.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
-from qatdist.config import ConfigError
+from qatdist.config.sections import ConfigError
 
 FORMS = "'package.module:function' or 'path/to/file.py:function'"
 # Frames that are not the user's: qatdist's, the standard library's, installed packages'.
 _NOT_USER_CODE = tuple(
-    {Path(__file__).resolve().parent}
+    {Path(__file__).resolve().parents[1]}
     | {Path(sysconfig.get_path(name)).resolve() for name in ("stdlib", "purelib", "platlib")}
 )
 

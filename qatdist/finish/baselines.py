@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable
 from qatdist import data
 from qatdist.config import Config
 from qatdist.distributed import DistEnv
-from qatdist.evaluate import count_correct, distributed_top1, preserved_rng
 from qatdist.quant import QatModel
 from qatdist.quant.ptq import float_weights, post_training_int8
+from qatdist.tasks.evaluate import count_correct, distributed_top1, preserved_rng
 
 log = logging.getLogger("qatdist")
 

@@ -1,12 +1,12 @@
 // qatdist's fake-quant ops: what aten::fused_moving_avg_obs_fake_quant computes on the CPU
 // (moving-average min/max observer, ATen's own ChooseQuantizationParams, fake quantization and
 // its straight-through gradient), bit for bit, with vectorized loops and one C++ call per
-// forward and per backward. Built on first use by qatdist/quant/native_ops.py; the docstring of
-// qatdist/quant/fast_fake_quant.py says why.
+// forward and per backward. Built on first use by qatdist/quant/kernels/native_ops.py; the docstring of
+// qatdist/quant/kernels/fast_fake_quant.py says why.
 //
 // Per-channel weights are processed a row (an output channel) at a time, on torch's thread
 // pool: observe the row, choose its qparams, fake-quantize it, while the row is in cache. The
-// conv-BN QAT weight scaling (weight * gamma / sigma, qatdist/quant/weight_scaling.py) is taken
+// conv-BN QAT weight scaling (weight * gamma / sigma, qatdist/quant/kernels/weight_scaling.py) is taken
 // inside the same pass, and optionally the division of the conv output by that factor too.
 //
 // Compiled with -ffp-contract=off: a fused multiply-add would round the moving average and the

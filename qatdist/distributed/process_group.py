@@ -1,4 +1,4 @@
-"""Process groups and DDP: the one place that knows about torch.distributed set-up.
+"""Process groups and the few collectives the trainer needs.
 
 World size 1 (plain `python -m qatdist.train`) runs through the same code: a one-rank gloo group
 on an in-memory store, so every collective in the trainer is valid everywhere.
@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -71,28 +69,6 @@ def init_process_group(env: DistEnv, timeout_s: int) -> None:
     dist.init_process_group(
         "gloo", store=store, rank=env.rank, world_size=env.world_size, timeout=timeout
     )
-
-
-_COMPRESSION_HOOKS = {
-    "bf16": default_hooks.bf16_compress_hook,
-    "fp16": default_hooks.fp16_compress_hook,
-}
-
-
-def wrap_ddp(model: torch.nn.Module, grad_compression: str = "none") -> DistributedDataParallel:
-    """DDP without buffer broadcast: observer and BatchNorm statistics are synced explicitly
-    (qatdist.quant.sync), since broadcasting would make them rank 0's statistics only.
-
-    `grad_compression` 'bf16' / 'fp16' all-reduces gradients in that dtype (DDP's compress
-    hooks: half the bytes; the averaged gradient is cast back to fp32), 'none' in fp32."""
-    ddp = DistributedDataParallel(model, forward_sync_buffers=False, gradient_as_bucket_view=True)
-    if grad_compression != "none":
-        ddp.register_comm_hook(None, _COMPRESSION_HOOKS[grad_compression])
-    return ddp
-
-
-def barrier() -> None:
-    dist.barrier()
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:

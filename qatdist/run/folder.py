@@ -2,9 +2,9 @@
 
 resolved_config.toml    the run's full config (what `export_final.py` rebuilds from)
 topology.json           every rank's placement
-checkpoints/step-<N>/   see qatdist.checkpoint
+checkpoints/step-<N>/   see qatdist.run.checkpoint
 tb/                     TensorBoard event files
-final/                  rank 0's int8 artifacts and report.json (see qatdist.finalize)
+final/                  rank 0's int8 artifacts and report.json (see qatdist.finish.finalize)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Data layer: webdataset tar shards -> fixed-size, reproducible batches for every rank.
 
-Shards are read by qatdist.shards (never unpickling anything) and samples transformed by
-qatdist.transforms (data.hflip, data.crop_scale, data.mean / data.std or data.transform).
+Shards are read by qatdist.data.shards (never unpickling anything) and samples transformed by
+qatdist.data.transforms (data.hflip, data.crop_scale, data.mean / data.std or data.transform).
 
 Train order is a pure function of (seed, epoch, rank, cfg). The shard list is shuffled by
 (seed, epoch); shard i goes to rank i % world_size; a rank's shards are split over
@@ -26,10 +26,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qatdist import transforms
+from qatdist.data import transforms
 from qatdist.config import ConfigError, DataConfig
-from qatdist.config_checks import expand_shards
-from qatdist.shards import (  # DataError is raised here and caught as data.DataError
+from qatdist.config.checks import expand_shards
+from qatdist.data.shards import (  # DataError is raised here and caught as data.DataError
     DataError,
     RawSample,
     count_shard,

@@ -40,7 +40,7 @@ _KEYS = [
         "training_only_ops",
         "list[str]",
         "random training-only ops left out of the QAT graph so that evaluation and int8 compute "
-        "the eager eval model (qatdist/quant/training_only.py)",
+        "the eager eval model (qatdist/quant/fixes/training_only.py)",
     ),
     ("produced_by", "str", "the command that wrote the report when not the trainer"),
     ("resumed_from_step", "int | None", "step this process resumed from, null if it did not"),
@@ -188,7 +188,7 @@ def report_fields(**fields: object) -> dict:
     the wrong type. The keys and their meanings are listed below (`keys_markdown()`)."""
     for name, value in fields.items():
         if name not in REPORT_KEYS:
-            raise KeyError(f"report key {name!r} is not registered in qatdist.report")
+            raise KeyError(f"report key {name!r} is not registered in qatdist.run.report")
         if not _type_ok(REPORT_KEYS[name].type, value):
             raise TypeError(
                 f"report key {name!r}: expected {REPORT_KEYS[name].type}, got {value!r}"
@@ -216,7 +216,7 @@ def with_derived(report: dict) -> dict:
 def field(report: dict, name: str) -> object:
     """`report[name]`, None when absent; `name` must be a registered key."""
     if name not in REPORT_KEYS:
-        raise KeyError(f"report key {name!r} is not registered in qatdist.report")
+        raise KeyError(f"report key {name!r} is not registered in qatdist.run.report")
     return report.get(name)
 
 

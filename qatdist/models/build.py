@@ -8,8 +8,8 @@ import torch
 import torchvision
 
 from qatdist.config import ConfigError, ModelConfig
-from qatdist.factories import FORMS, describe_error, load_factory
-from qatdist.weights import WeightsSource, load_weights
+from qatdist.config.factories import FORMS, describe_error, load_factory
+from qatdist.models.weights import WeightsSource, load_weights
 
 
 def _takes_num_classes(factory) -> bool:
@@ -80,9 +80,10 @@ def build_fp32(
     cfg: ModelConfig, num_classes: int, *, image_size: int
 ) -> tuple[torch.nn.Module, WeightsSource | None]:
     """An fp32 classifier with `num_classes` outputs for `image_size` x `image_size` RGB
-    inputs, with `cfg.weights` loaded strictly (`qatdist.weights`), and where those weights came
-    from (None without model.weights). Nothing is downloaded: torchvision models are built with
-    weights=None. A factory's output width is checked on one image of `image_size`."""
+    inputs, with `cfg.weights` loaded strictly (`qatdist.models.weights`), and where those
+    weights came from (None without model.weights). Nothing is downloaded: torchvision models
+    are built with weights=None. A factory's output width is checked on one image of
+    `image_size`."""
     if ":" in cfg.name:
         model = _from_factory(cfg.name, num_classes, image_size)
     else:

@@ -20,7 +20,6 @@ import torch
 from qatdist import data
 from qatdist.config import Config
 from qatdist.distributed import DistEnv, wrap_ddp
-from qatdist.evaluate import preserved_rng
 from qatdist.optim import build_optimizer
 from qatdist.quant import QatModel
 from qatdist.quant import inspect as quant_inspect
@@ -33,6 +32,7 @@ from qatdist.quant.accuracy import (
 from qatdist.quant.layer_error import make_rebuilder
 from qatdist.quant.sync import sync_quant_stats
 from qatdist.step import train_step
+from qatdist.tasks.evaluate import preserved_rng
 
 log = logging.getLogger("qatdist")
 
@@ -58,7 +58,7 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
     holding `qat`'s weights and statistics, in `qat`'s phase. Raises ValueError when a layer
     is unknown or its state does not transfer."""
     # Layer names come from the quantized graph: modules, and linears called as functions
-    # (`...self_attention.in_proj`, named by `qatdist.quant.attention`), which are no module.
+    # (`...self_attention.in_proj`, named by `qatdist.quant.fixes.attention`), which are no module.
     annotated = quant_inspect.annotated_layers(qat.prepared)
     known = {name for name, _ in qat.fp32_model.named_modules()}
     known |= {*annotated["conv"], *annotated["linear"]}

@@ -1,4 +1,4 @@
-"""Value checks of a run configuration that types alone cannot express, run by `config.load`
+"""Value checks of a run configuration that types alone cannot express, run by `qatdist.config.load`
 before any process group starts; every error names the offending key. Only the standard
 library is imported here: a bad config is refused in well under a second."""
 
@@ -8,8 +8,15 @@ import glob
 import importlib.util
 from pathlib import Path
 
-from qatdist.config import GRAD_COMPRESSION, Config, ConfigError, DataConfig, QuantConfig
-from qatdist.factories import FORMS, factory_file, split_spec
+from qatdist.config.factories import FORMS, factory_file, split_spec
+from qatdist.config.sections import (
+    GRAD_COMPRESSION,
+    Config,
+    ConfigError,
+    DataConfig,
+    QuantConfig,
+    is_demo_pattern,
+)
 
 
 def _require(cond: bool, key: str, expected: str, value) -> None:
@@ -77,8 +84,6 @@ def _check_data(d: DataConfig) -> None:
         if pattern.startswith("pipe:"):
             _require(d.allow_pipe, f"data.{key}", "no 'pipe:' URL unless data.allow_pipe", pattern)
         elif not pattern.startswith(("http://", "https://")):
-            from qatdist.demo import is_demo_pattern  # numpy and PIL, no torch
-
             # Only the built-in demo's own pattern may match nothing: the run writes it then.
             is_demo = is_demo_pattern(key, pattern)
             if not (is_demo and d.generate_demo):

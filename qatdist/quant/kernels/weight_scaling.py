@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from qatdist.quant.fast_fake_quant import (
+from qatdist.quant.kernels.fast_fake_quant import (
     FastFusedFakeQuantize,
     divided_in_weight,
     scaled_weight,
