@@ -104,18 +104,18 @@ def describe(node: torch.fx.Node) -> str:
 
 
 def capture_for_qat(
-    model: torch.nn.Module, example: torch.Tensor
+    model: torch.nn.Module, example: torch.Tensor, *, dynamic_spatial: bool = False
 ) -> tuple[torch.fx.GraphModule, list[str]]:
     """The graph of `model` to prepare for QAT, in train mode, and the training-only random
     ops (`describe`d) it leaves out: none when the train-mode capture evaluates exactly once
     `to_eval` has run; otherwise the eval-mode capture switched to train mode (module doc).
     Raises TrainingOnlyBranchError when the model is random in eval mode too."""
-    graph = capture(model.train(), example)
+    graph = capture(model.train(), example, dynamic_spatial=dynamic_spatial)
     leftover = random_nodes(graph)
     if not leftover:
         return graph, []
     dropped = sorted({describe(node) for node in leftover})
-    graph = capture(model.eval(), example)
+    graph = capture(model.eval(), example, dynamic_spatial=dynamic_spatial)
     if still := random_nodes(graph):
         raise TrainingOnlyBranchError(
             f"model.name: the model is random in eval mode: {describe(still[0])} (an int8 "
