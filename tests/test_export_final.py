@@ -110,7 +110,7 @@ def test_report_fields(export, run_dir):
 
 
 def test_lowered_model_contains_quantized_convs_and_linears(export):
-    from qatdist.finish.finalize import aoti_package_source
+    from qatdist.finish.artifacts import aoti_package_source
     from qatdist.quant.inspect import count_quantized_ops
 
     report = export["report"]
