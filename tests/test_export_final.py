@@ -155,7 +155,7 @@ def test_aoti_package_in_fresh_process_agrees_with_converted_model(export):
         top2 = ref["logits"].topk(2, dim=1).values
         decided = (top2[:, 0] - top2[:, 1]) > diff
         same = logits.argmax(1) == ref["logits"].argmax(1)
-        print(int((same & decided).sum()), int(decided.sum()), diff, len(ref["labels"]),
+        print(int((same & decided).sum()), int(decided.sum()), diff, len(ref["target"]),
               tuple(single.shape))
         print(any(name.split(".")[0] in ("qatdist", "torchao") for name in sys.modules))
     """)
