@@ -21,6 +21,7 @@ folder beside `out_dir` and moved into place at the end, so a failure part-way l
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,6 +36,8 @@ from qatdist.run import report as reports
 from qatdist.tasks import Task
 
 __all__ = ["FinalCheckFailed", "QuantizationIncomplete", "finalize"]
+
+log = logging.getLogger(__name__)
 
 
 def finalize(
@@ -108,7 +111,7 @@ def finalize(
                 int8_model, fp32_model, examples, main_batch
             )
         if aoti:
-            measurement.log.info("building the AOTInductor package (freezing)")
+            log.info("building the AOTInductor package (freezing)")
             start = time.perf_counter()
             package = artifacts.build_aoti_package(exported, stage / "model_int8_aoti.pt2")
             aoti_s = time.perf_counter() - start
