@@ -1,5 +1,5 @@
 """Accuracy budget: keep the quantized layers that hurt most in fp32 until the int8 model's score
-(the task's primary metric, e.g. top-1) is within `quant.max_accuracy_drop` of fp32 (issue 15).
+(the task's primary metric, e.g. top-1) is within `quant.max_accuracy_drop` of fp32.
 
 `meet_accuracy_budget` is the one entry point. It runs on every rank (collective) after QAT:
 1. fp32 and int8 score of the trained model; done if the drop is within the budget.
