@@ -37,7 +37,7 @@ from qatdist.run.checkpoint import (
     restore_rng_state,
 )
 from qatdist.run.folder import RunFolder
-from qatdist.run.report import metric_key, report_fields
+from qatdist.run.report import metric_field, metric_key, metric_label, report_fields
 from qatdist.step import Distillation, build_teacher, train_step
 from qatdist.tasks import build_task
 from qatdist.tasks.evaluate import evaluate
@@ -501,8 +501,8 @@ class Trainer:
             eval_mismatch=final.eval_mismatch,
         )
         self.monitor.final(report, self._hparams(report))
-        metric = self.task.metric
-        fake_quant, int8 = (report[metric_key(b, metric)] for b in ("fp32_fake_quant", "int8"))
+        metric = metric_label(report)
+        fake_quant, int8 = (metric_field(report, b) for b in ("fp32_fake_quant", "int8"))
         self.monitor.info(
             f"done: fake-quant {metric} {fake_quant:.4f}, int8 {metric} "
             f"{int8:.4f}, int8 {report['int8_latency_ms']:.2f} ms vs fp32 "
