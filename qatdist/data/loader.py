@@ -263,9 +263,9 @@ def train_batches(
     start_step: int = 0,
     worker_init_fn=None,
 ) -> Iterable[Batch]:
-    """Exactly `steps - start_step` train batches of exactly `batch_size` samples of `task`
-    (decoded, transformed and collated by it) (steps
-    start_step .. steps-1 of the epoch) for `rank`, the same count on every rank.
+    """Exactly `steps - start_step` train batches of exactly `batch_size` samples (steps
+    start_step .. steps-1 of the epoch) for `rank`, the same count on every rank; `task`
+    decodes, transforms and collates them.
 
     The order is a pure function of (seed, epoch, rank, cfg): equal arguments give bitwise-equal
     batches, and `start_step=k` gives the tail of the `start_step=0` sequence. Loads in
