@@ -5,6 +5,7 @@ accuracy budget and the console's baselines table under its own name."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_the_console_table_and_tensorboard_show_the_tasks_metric(colour_run):
     out = colour_run["result"].stdout
     assert "baselines (colour_mae on the validation shards):" in out
     fp32 = colour_run["report"]["fp32_colour_mae"]
-    assert f"fp32, final weights  {fp32:.4f}" in out
+    assert re.search(rf"fp32, final weights +{fp32:.4f}\n", out)
     assert "int8 drop vs fp32" in out
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
