@@ -16,6 +16,7 @@ from qatdist.config.load import (
     to_toml,
 )
 from qatdist.config.sections import (
+    BUILTIN_TASKS,
     DEFAULT_CONFIG,
     DEMO_DIR,
     DEMO_SHARDS,
@@ -39,6 +40,7 @@ from qatdist.config.sections import (
 )
 
 __all__ = [
+    "BUILTIN_TASKS",
     "DEFAULT_CONFIG",
     "DEMO_DIR",
     "DEMO_SHARDS",
