@@ -85,6 +85,8 @@ class Trainer:
             num_classes=cfg.data.num_classes,
             image_size=cfg.data.image_size,
             seed=cfg.train.seed,
+            dense=self.task.dense_outputs,
+            aux_loss=self.task.aux_head,
         )
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
         self.monitor = Monitor(
@@ -112,6 +114,8 @@ class Trainer:
                 self.qat.fp32_model,
                 num_classes=cfg.data.num_classes,
                 image_size=cfg.data.image_size,
+                dense=self.task.dense_outputs,
+                aux_loss=self.task.aux_head,
             )
             self.distillation = Distillation(
                 teacher, cfg.train.distill_weight, cfg.train.distill_temperature
@@ -490,6 +494,7 @@ class Trainer:
             self.task,
             self.full_val_batches,
             image_size=cfg.data.image_size,
+            input_size=self.task.input_size(cfg.data.image_size),
             batch_sizes=[r.latency_batch_size],
             latency_iters=r.latency_iters,
             out_dir=self.run.final,

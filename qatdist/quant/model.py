@@ -54,6 +54,8 @@ class QatModel:
         self.quant_cfg = quant_cfg
         # Training-only random ops left out of the graph (`training_only.capture_for_qat`).
         self.training_only_ops: list[str] = []
+        # Height and width dynamic in the capture (set by `from_fp32`); re-captures follow it.
+        self.dynamic_spatial = False
         self.phase = schedule.phase_at(0, quant_cfg)
         self._applied = self.phase  # differs from `phase` inside `evaluating()`
         self._training = True
@@ -107,6 +109,7 @@ class QatModel:
         )
         qat = cls.from_captured(fp32_model, graph, quant_cfg)
         qat.training_only_ops = training_only_ops
+        qat.dynamic_spatial = dynamic_spatial
         return qat
 
     @classmethod

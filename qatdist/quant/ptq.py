@@ -80,13 +80,16 @@ def post_training_int8(
     quant_cfg: QuantConfig,
     *,
     image_size: int,
+    dynamic_spatial: bool = False,
     group=None,
 ) -> torch.fx.GraphModule:
     """PTQ of `fp32_model`'s architecture with `weights` (`prepare_ptq`): run `calibration`
     (this rank's image batches), sync observer statistics across `group`'s ranks (a collective:
     every rank calls, whatever its number of batches), convert. Returns the int8 model in eval
     mode."""
-    prepared = prepare_ptq(fp32_model, weights, quant_cfg, image_size=image_size)
+    prepared = prepare_ptq(
+        fp32_model, weights, quant_cfg, image_size=image_size, dynamic_spatial=dynamic_spatial
+    )
     with torch.no_grad():
         for images in calibration:
             prepared(images)

@@ -187,6 +187,7 @@ class Segmentation(Task):
     metric = "miou"
     higher_is_better = True
     sample_extensions = (LABEL_MAP_EXTENSION,)
+    dense_outputs = True
 
     def __init__(
         self,
@@ -199,6 +200,7 @@ class Segmentation(Task):
         self.num_classes = data_cfg.num_classes
         self.ignore_index = task_cfg.ignore_index
         self.weights = weights
+        self.aux_head = task_cfg.aux_weight > 0
         self._mean = torch.tensor(data_cfg.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(data_cfg.std, dtype=torch.float32).view(3, 1, 1)
 
@@ -248,6 +250,12 @@ class Segmentation(Task):
         return transform
 
     # --- the model ------------------------------------------------------------------------
+
+    def input_size(self, image_size: int) -> tuple[int, int]:
+        """task.eval_size when set (the frames' size for full-frame evaluation), else the
+        square data.image_size."""
+        size = self.task_cfg.eval_size
+        return (size[0], size[1]) if size else (image_size, image_size)
 
     def predictions(self, outputs: Outputs) -> torch.Tensor:
         return logits_of(outputs)
