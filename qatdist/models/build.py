@@ -156,10 +156,15 @@ def build_fp32(
 
 
 def build_model(
-    cfg: ModelConfig, num_classes: int, *, image_size: int, dense: bool = False
+    cfg: ModelConfig,
+    num_classes: int,
+    *,
+    image_size: int,
+    dense: bool = False,
+    aux_loss: bool = False,
 ) -> torch.nn.Module:
     """`build_fp32`'s model, for callers that do not report where its weights came from."""
-    return build_fp32(cfg, num_classes, image_size=image_size, dense=dense)[0]
+    return build_fp32(cfg, num_classes, image_size=image_size, dense=dense, aux_loss=aux_loss)[0]
 
 
 def tiny_vit(num_classes: int) -> torch.nn.Module:
