@@ -89,7 +89,7 @@ def test_pairs_written_by_stem_and_read_back_losslessly(tmp_path: Path) -> None:
         for p in sorted((tmp_path / "out").glob("*.tar"))
     ]
     assert counts == [1, 2]  # spread evenly
-    assert count_shard(str(tmp_path / "out" / "val-000000.tar")) == 0  # no .cls members
+    assert count_shard(str(tmp_path / "out" / "val-000000.tar"), ("cls",)) == 0  # no .cls
 
 
 def test_train_split_shuffles_by_seed(tmp_path: Path) -> None:
