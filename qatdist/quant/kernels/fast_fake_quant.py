@@ -77,15 +77,18 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     docstring); same buffers, flags and `calculate_qparams`, same results as the ATen op."""
 
     def forward(self, X: torch.Tensor | ScaledWeight) -> torch.Tensor:
+        # The flags go into the ops as tensors (as into the ATen op), never read in Python: a
+        # graph traced by torch.compile / torch.export then follows them at run time.
         observer = self.activation_post_process
-        observe, fake_quant = bool(self.observer_enabled), bool(self.fake_quant_enabled)
         if isinstance(X, ScaledWeight):
-            if not (fake_quant and self.is_per_channel):
+            if not self.is_per_channel:
                 out = self.forward(X.product())  # what the unfused graph computes
                 return torch.div(out, X.scale) if X.divide_back else out
             return torch.ops.qatdist.scaled_fake_quantize(
                 X.weight,
                 X.scale,
+                self.observer_enabled,
+                self.fake_quant_enabled,
                 observer.min_val,
                 observer.max_val,
                 self.scale,
@@ -94,23 +97,12 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 observer.quant_min,
                 observer.quant_max,
                 self.is_symmetric_quant,
-                observe,
                 X.divide_back,
             )
-        if not fake_quant:
-            if observe:
-                torch.ops.qatdist.observe(
-                    X,
-                    observer.min_val,
-                    observer.max_val,
-                    self.scale,
-                    self.zero_point,
-                    observer.averaging_constant,
-                    self.is_per_channel,
-                )
-            return X
         return torch.ops.qatdist.fake_quantize(
             X,
+            self.observer_enabled,
+            self.fake_quant_enabled,
             observer.min_val,
             observer.max_val,
             self.scale,
@@ -120,7 +112,6 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
             observer.quant_max,
             self.is_per_channel,
             self.is_symmetric_quant,
-            observe,
         )
 
 
