@@ -5,6 +5,8 @@
       --out exports/r18-400 --batch-sizes 1,8,32
   python scripts/export_final.py --run-dir runs/r18 --formats pt2,aoti,openvino
 
+Works on classification and segmentation runs alike; a segmenter's artifacts take frames of
+its task.eval_size (dynamic batch) and its latency is measured at that size.
 Writes model_int8.pt2 (torch.export, dynamic batch), model_int8_aoti.pt2 (AOTInductor package),
 with `--formats ...,openvino` model_int8_openvino.xml/.bin (OpenVINO IR), report.json, report.md
 and latency.png into --out, all at once at the end. A missing or corrupt run directory or
@@ -52,8 +54,9 @@ def _agreement(value: float | None) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Rebuild a run's QAT model from its resolved_config.toml, load a checkpoint, "
-        "convert to int8, compile with Inductor freezing, evaluate top-1 on the val shards, "
-        "benchmark int8 against fp32 and write the artifacts.",
+        "convert to int8, compile with Inductor freezing, evaluate the task's metric (top-1, or "
+        "mIoU for a segmenter) on the val shards, benchmark int8 against fp32 at the task's "
+        "input size (a segmenter's task.eval_size) and write the artifacts.",
     )
     parser.add_argument(
         "--run-dir",

@@ -1,10 +1,15 @@
 """`task.name = "segmentation"` end to end: a 2-rank QAT run over gloo on the downscaled CamVid
 slice (shards written by the segmentation mode of scripts/make_shards.py), with the UNet of
-tests/seg_unet.py, to a compiled int8 segmenter and its report."""
+tests/seg_unet.py, to a compiled int8 segmenter and its report; then scripts/export_final.py
+on that run folder (pt2, AOTI and, where installed, OpenVINO)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,9 +21,13 @@ from qatdist.quant import load_int8
 UNET = str(Path(__file__).resolve().parent / "seg_unet.py") + ":unet"
 
 
-@pytest.mark.slow
-def test_two_ranks_to_a_compiled_int8_segmenter(camvid_tiny: dict, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+FULL_FRAME = (48, 64)  # the slice's full frame (task.eval_size)
+
+
+@pytest.fixture(scope="module")
+def seg_run(camvid_tiny: dict, tmp_path_factory) -> dict:
+    """The 2-rank QAT run of the UNet on the CamVid slice, once for this module."""
+    out = tmp_path_factory.mktemp("seg") / "run"
     result = torchrun(
         [
             f"--run.out_dir={out}",
@@ -47,6 +56,12 @@ def test_two_ranks_to_a_compiled_int8_segmenter(camvid_tiny: dict, tmp_path: Pat
         ],
         cwd=ROOT,
     )
+    return {"out": out, "result": result}
+
+
+@pytest.mark.slow
+def test_two_ranks_to_a_compiled_int8_segmenter(seg_run: dict) -> None:
+    out, result = seg_run["out"], seg_run["result"]
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "final" / "report.json").read_text())
     assert report["task"] == "segmentation" and report["metric"] == "miou"
@@ -71,3 +86,56 @@ def test_two_ranks_to_a_compiled_int8_segmenter(camvid_tiny: dict, tmp_path: Pat
         logits = program(torch.randn(3, 3, 48, 64))
     logits = logits["out"] if isinstance(logits, dict) else logits
     assert logits.shape == (3, 11, 48, 64)
+
+
+def openvino_formats() -> list[str]:
+    """["openvino"] where the optional package is installed; [] otherwise, except under CI=true
+    where its absence fails the test (CI never passes by leaving a format out)."""
+    if importlib.util.find_spec("openvino") is not None:
+        return ["openvino"]
+    if os.environ.get("CI") == "true":
+        pytest.fail("needs the openvino package (pip install -e '.[peers]'); CI=true runs it")
+    return []
+
+
+@pytest.mark.slow
+def test_export_final_on_the_segmenter(seg_run: dict, tmp_path: Path) -> None:
+    assert seg_run["result"].returncode == 0, seg_run["result"].stderr[-4000:]
+    run_dir, out = seg_run["out"], tmp_path / "export"
+    formats = ["pt2", "aoti", *openvino_formats()]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "export_final.py"), f"--run-dir={run_dir}"]
+        + [f"--out={out}", "--batch-sizes=1,8", f"--formats={','.join(formats)}", "--iters=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    trainer = json.loads((run_dir / "final" / "report.json").read_text())
+    assert report["task"] == "segmentation" and report["formats"] == formats
+    # The same checkpoint converted again scores what the trainer's own final model scored.
+    for baseline in ("fp32", "fp32_fake_quant", "int8_reference", "int8"):
+        assert report[f"{baseline}_miou"] == trainer[f"{baseline}_miou"], baseline
+    assert report["quantized_conv_count"] == 6 and report["quantization_complete"] is True
+    # int8 and fp32 latency at the full frame, batch 1 and 8 (the examples are the timed inputs).
+    assert [row["batch_size"] for row in report["latency"]] == [1, 8]
+    for row in report["latency"]:
+        assert row["int8_ms"] > 0 and row["fp32_ms"] > 0 and row["int8_aoti_ms"] > 0
+    example = torch.load(out / "reference_io.pt")["input"]
+    assert tuple(example.shape) == (8, 3, *FULL_FRAME)
+    assert report["int8_aoti_agreement"] >= 0.99
+    # Each artifact answers a full frame at a batch size it was not exported with.
+    frames = torch.randn(3, 3, *FULL_FRAME)
+    program = load_int8(out / "model_int8.pt2").module()
+    aoti = torch._inductor.aoti_load_package(str(out / "model_int8_aoti.pt2"))
+    with torch.no_grad():
+        assert program(frames).shape == aoti(frames).shape == (3, 11, *FULL_FRAME)
+    if "openvino" in formats:
+        from qatdist.finish import openvino_ir
+
+        assert report["openvino_int8_kernels"] == [6, 6]  # every convolution in int8
+        assert report["int8_openvino_agreement"] >= 0.99
+        compiled = openvino_ir.compile_model(out / openvino_ir.XML, threads=1)
+        assert openvino_ir.forward(compiled)(frames).shape == (3, 11, *FULL_FRAME)
