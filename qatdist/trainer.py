@@ -29,6 +29,7 @@ from qatdist.guards import NonFiniteGuard
 from qatdist.monitor import Monitor
 from qatdist.optim import build_optimizer, build_scheduler
 from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
+from qatdist.quant import target as quant_target
 from qatdist.run.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -73,6 +74,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         # Schedule points given as fractions of the run become steps (what resolved_config holds).
         self.cfg = cfg = with_schedule_steps(cfg, self.total_steps)
+        # quant.target 'auto' becomes the target of the weakest CPU that trains, on every rank.
+        if cfg.quant.target == "auto":
+            target = quant_target.weakest(all_gather_object(quant_target.cpu_target()))
+            self.cfg = cfg = dataclasses.replace(
+                cfg, quant=dataclasses.replace(cfg.quant, target=target)
+            )
 
         # The same seed on every rank: identical initial weights.
         self.qat = QatModel.build(

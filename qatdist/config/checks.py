@@ -11,6 +11,7 @@ from pathlib import Path
 from qatdist.config.factories import FORMS, factory_file, split_spec
 from qatdist.config.sections import (
     GRAD_COMPRESSION,
+    INT8_TARGETS,
     Config,
     ConfigError,
     DataConfig,
@@ -138,6 +139,12 @@ def _check_fraction(section: str, key: str, value: float) -> None:
 
 
 def _check_quant(q: QuantConfig) -> None:
+    _require(
+        q.target in INT8_TARGETS,
+        "quant.target",
+        " or ".join(repr(name) for name in INT8_TARGETS),
+        q.target,
+    )
     for key in ("fake_quant_start_at", "observer_freeze_at", "bn_freeze_at"):
         _check_fraction("quant", key, getattr(q, key))
     _require(

@@ -152,6 +152,12 @@ class QuantConfig:
     sensitivity_candidates: int = _f(
         8, "Accuracy budget: most-sensitive layers whose top-1 gain in fp32 is measured."
     )
+    target: str = _f(
+        "auto",
+        "CPU the int8 model is built for: 'vnni' (int8 dot products: avx512_vnni, avx_vnni or "
+        "amx_int8), 'avx2' (none: weights quantized to -64..63 so oneDNN's int16 pair sums "
+        "cannot saturate), 'auto' (the CPUs that train; 'avx2' if any rank lacks them).",
+    )
 
 
 @dataclass
@@ -239,6 +245,7 @@ class RuntimeConfig:
 
 
 GRAD_COMPRESSION = ("none", "bf16", "fp16")
+INT8_TARGETS = ("auto", "vnni", "avx2")
 
 
 @dataclass
