@@ -40,12 +40,17 @@ from torchao.quantization.pt2e.fake_quantize import (
 )
 
 from qatdist.config import QuantConfig
+from qatdist.quant.fixes.batchnorm import (
+    batch_norm_nodes,
+    bn_literals,
+    restore_bn_literals,
+    set_args,
+)
 
 # torchao's own train/eval flag (torchao.quantization.pt2e.export_utils._EXPORTED_TRAINING_ATTR);
 # a freshly captured graph has none and is in train mode.
 _TRAINING_ATTR = "_exported_training"
 _BN_FROZEN_ATTR = "_qatdist_bn_frozen"
-_BATCH_NORM = torch.ops.aten.batch_norm.default
 _DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
 _ADD_ = torch.ops.aten.add_.Tensor
 _EMPTY = torch.ops.aten.empty.memory_format
@@ -84,10 +89,6 @@ def _is_training(gm: torch.fx.GraphModule) -> bool:
     return getattr(gm, _TRAINING_ATTR, True)
 
 
-def _batch_norm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == _BATCH_NORM]
-
-
 def _dropout_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _DROPOUT]
 
@@ -107,22 +108,13 @@ def _counter_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return out
 
 
-def _set_arg(node: torch.fx.Node, index: int, value) -> bool:
-    if node.args[index] == value:
-        return False
-    args = list(node.args)
-    args[index] = value
-    node.args = tuple(args)
-    return True
-
-
 def _set_bn_training(gm: torch.fx.GraphModule, training: bool) -> None:
     """`training` on every batch_norm node, and the batch counter increment (1 or 0) to match."""
     changed = False
-    for node in _batch_norm_nodes(gm):
-        changed |= _set_arg(node, 5, training)
+    for node in batch_norm_nodes(gm):
+        changed |= set_args(node, {5: training})
     for node in _counter_nodes(gm):
-        changed |= _set_arg(node, 1, 1 if training else 0)
+        changed |= set_args(node, {1: 1 if training else 0})
     if changed:
         gm.recompile()
 
@@ -156,29 +148,18 @@ def apply_phase(model: torch.nn.Module, phase: QatPhase) -> None:
 
 
 def _literals(gm: torch.fx.GraphModule) -> tuple[dict, list]:
-    """BatchNorm (momentum, eps) by running-mean buffer, and dropout p in graph order."""
-    bn = {}
-    for node in _batch_norm_nodes(gm):
-        key = node.args[3].target if isinstance(node.args[3], torch.fx.Node) else None
-        bn[key] = (node.args[6], node.args[7])
-    dropout = [
-        n.args[1] for n in gm.graph.nodes if n.op == "call_function" and n.target in _DROPOUT
-    ]
-    return bn, dropout
+    """BatchNorm momentum/eps by running-mean buffer, and dropout p in graph order."""
+    dropout = [n.args[1] for n in _dropout_nodes(gm)]
+    return bn_literals(gm), dropout
 
 
 def _restore_literals(gm: torch.fx.GraphModule, saved: tuple[dict, list]) -> None:
     bn, dropout = saved
-    changed = False
-    for node in _batch_norm_nodes(gm):
-        key = node.args[3].target if isinstance(node.args[3], torch.fx.Node) else None
-        if key in bn:
-            changed |= _set_arg(node, 6, bn[key][0])
-            changed |= _set_arg(node, 7, bn[key][1])
+    changed = restore_bn_literals(gm, bn)  # recompiles what it changed
     nodes = _dropout_nodes(gm)
     if len(nodes) == len(dropout):  # the rewrite keeps the order; anything else: leave it
         for node, p in zip(nodes, dropout):
-            changed |= _set_arg(node, 1, p)
+            changed |= set_args(node, {1: p})
     if changed:
         gm.recompile()
 
@@ -281,7 +262,7 @@ def current_phase(model: torch.nn.Module) -> QatPhase:
     fake_quant_on = _all_or_none([bool(m.fake_quant_enabled[0]) for m in fake_quants], "fake quant")
     frozen = _all_or_none([not bool(m.observer_enabled[0]) for m in fake_quants], "observer freeze")
     gm = _graph_module(model)
-    nodes = _batch_norm_nodes(gm)
+    nodes = batch_norm_nodes(gm)
     if _is_training(gm) and nodes:
         bn_frozen = _all_or_none([not n.args[5] for n in nodes], "BatchNorm freeze")
     else:

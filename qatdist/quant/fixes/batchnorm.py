@@ -39,21 +39,23 @@ def _running_mean_key(bn_node: torch.fx.Node) -> str | None:
     return None  # no running statistics (track_running_stats=False): nothing to key by
 
 
-def _batch_norm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+def batch_norm_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's `aten.batch_norm.default` nodes (training IR)."""
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == _BATCH_NORM]
 
 
 def bn_literals(gm: torch.fx.GraphModule) -> dict[str, BnLiterals]:
     """Momentum and eps of every BatchNorm of `gm`, by running-mean buffer name."""
     out = {}
-    for node in _batch_norm_nodes(gm):
+    for node in batch_norm_nodes(gm):
         key = _running_mean_key(node)
         if key is not None:
             out[key] = BnLiterals(momentum=node.args[_MOMENTUM], eps=node.args[_EPS])
     return out
 
 
-def _set_args(node: torch.fx.Node, values: dict[int, object]) -> bool:
+def set_args(node: torch.fx.Node, values: dict[int, object]) -> bool:
+    """Set `node`'s positional arguments at the given indices; whether anything changed."""
     args = list(node.args)
     for index, value in values.items():
         args[index] = value
@@ -67,11 +69,11 @@ def restore_bn_literals(gm: torch.fx.GraphModule, saved: dict[str, BnLiterals]) 
     scaling (`sqrt(running_var + eps)`) that the conv-BN rewrite computes beside it, so the
     fake-quantized weight is the one convert folds. Returns the number of nodes changed."""
     changed = 0
-    for node in _batch_norm_nodes(gm):
+    for node in batch_norm_nodes(gm):
         literals = saved.get(_running_mean_key(node))
         if literals is None:
             continue
-        changed += _set_args(node, {_MOMENTUM: literals.momentum, _EPS: literals.eps})
+        changed += set_args(node, {_MOMENTUM: literals.momentum, _EPS: literals.eps})
         running_var = node.args[4]
         for user in list(running_var.users):
             if (
@@ -79,7 +81,7 @@ def restore_bn_literals(gm: torch.fx.GraphModule, saved: dict[str, BnLiterals]) 
                 and user.args[0] is running_var
                 and isinstance(user.args[1], float)
             ):
-                changed += _set_args(user, {1: literals.eps})
+                changed += set_args(user, {1: literals.eps})
     if changed:
         gm.recompile()
     return changed
@@ -90,7 +92,7 @@ def _set_eps(bn_node: torch.fx.Node, eps: float) -> None:
     no_training = bn_node.target == torch.ops.aten._native_batch_norm_legit_no_training.default
     index = _EPS - 1 if no_training else _EPS
     if len(bn_node.args) > index:
-        _set_args(bn_node, {index: eps})
+        set_args(bn_node, {index: eps})
     else:
         bn_node.kwargs = {**bn_node.kwargs, "eps": eps}
 
