@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from qatdist.data import transforms
 from qatdist.config import ConfigError, DataConfig
 from qatdist.config.checks import expand_shards
+from qatdist.data import transforms
 from qatdist.data.shards import (  # DataError is raised here and caught as data.DataError
     DataError,
     RawSample,

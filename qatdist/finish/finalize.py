@@ -78,6 +78,41 @@ def check_deterministic(model: Callable, images: torch.Tensor, what: str) -> Non
         )
 
 
+# Largest |compiled - converted| logit difference accepted, as a fraction of the converted
+# model's largest |logit| over the validation set. The two compute the same int8 model and differ
+# only where a float rounding flips an activation's int8 rounding: one quantization step, 1/255
+# of that tensor's range (0.4%). Such flips, spread over the layers, measured 0.5-0.6% on
+# resnet18 (docs/cpu_targets.md); 5% is about 13 steps of an 8-bit output range, ten times
+# that. A saturated int16 sum (a CPU without int8 dot products, quant.target 'vnni') loses up to
+# half of its value and measured 28% and more.
+INT8_REL_LOGIT_DIFF_BOUND = 0.05
+
+
+class Int8Disagreement(FinalCheckFailed):
+    """The compiled int8 model's logits differ from the converted reference's by more than int8
+    rounding explains (`INT8_REL_LOGIT_DIFF_BOUND`). Nothing is written."""
+
+
+def check_int8_agreement(full: dict, capabilities: dict) -> None:
+    """Raise Int8Disagreement when the compiled (or AOTI) int8 model's largest logit difference
+    from the converted reference exceeds `INT8_REL_LOGIT_DIFF_BOUND` of the logits' scale; the
+    message names the target and the CPU when the CPU is weaker than the target."""
+    scale = full["int8_reference_logit_scale"]
+    for prefix in ("int8_compiled", "int8_aoti"):
+        diff = full.get(f"{prefix}_max_abs_logit_diff")
+        if diff is None or diff <= INT8_REL_LOGIT_DIFF_BOUND * scale:
+            continue
+        target = full["int8_target"]
+        cause = target is not None and quant_target.weaker_cpu_message(target, capabilities)
+        raise Int8Disagreement(
+            f"{prefix.removeprefix('int8_')} int8 logits differ from the converted reference by "
+            f"{diff:.4g} ({diff / scale:.1%} of the logits' scale {scale:.4g}; rounding stays "
+            f"within {INT8_REL_LOGIT_DIFF_BOUND:.0%})"
+            + (f": the {cause}" if cause else "")
+            + "; nothing was written"
+        )
+
+
 class QuantizationIncomplete(RuntimeError):
     """Annotated layers were left in float and the caller required full quantization."""
 
@@ -215,6 +250,7 @@ def _compare_on_val(
     compiled models see one batch size). Returns the measures and the first `keep` samples'
     images, labels and reference logits."""
     correct = dict.fromkeys(["reference", *forwards], 0)
+    logit_scale = 0.0
     agreement = {name: DecidedAgreement() for name in forwards}
     kept: dict[str, list[torch.Tensor]] = {"images": [], "labels": [], "logits": []}
     seen = 0
@@ -226,6 +262,7 @@ def _compare_on_val(
                 continue
             padded = pad_batch(images, pad_to)
             ref_logits = reference(padded)[:n]
+            logit_scale = max(logit_scale, float(ref_logits.abs().max()))
             correct["reference"] += int((ref_logits.argmax(dim=1) == labels).sum())
             for name, forward in forwards.items():
                 logits = forward(padded)[:n]
@@ -239,6 +276,7 @@ def _compare_on_val(
             seen += n
     measures = {
         "seen": seen,
+        "logit_scale": logit_scale,
         "top1": {k: v / seen if seen else 0.0 for k, v in correct.items()},
         "agreement": {k: m.result() for k, m in agreement.items()},
         "max_abs_logit_diff": {k: m.max_abs_logit_diff for k, m in agreement.items()},
@@ -358,6 +396,7 @@ def _measured_fields(
     return {
         "int8_top1": measures["top1"]["int8"],
         "int8_reference_top1": measures["top1"]["reference"],
+        "int8_reference_logit_scale": measures["logit_scale"],
         "int8_eval_samples": measures["seen"],
         **_agreement_fields("int8_compiled", measures, "int8"),
         "int8_latency_ms": rows[-1]["int8_ms"],
@@ -514,5 +553,6 @@ def finalize(
             full |= _agreement_fields("int8_openvino", measures, "int8_openvino")
             full |= {"int8_openvino_top1": measures["top1"]["int8_openvino"]}
         full = _flag_slower_int8(reports.with_derived(full | machine_facts()))
+        check_int8_agreement(full, full["cpu_int8_capabilities"])
         _write_views(stage, full, rows, batch_sizes)
     return full

@@ -86,6 +86,12 @@ _KEYS = [
         "samples whose reference top-2 logit margin exceeds int8_compiled_max_abs_logit_diff",
     ),
     ("int8_compiled_max_abs_logit_diff", "float", "max |logit difference|, compiled vs reference"),
+    (
+        "int8_reference_logit_scale",
+        "float",
+        "largest |logit| of the converted reference over the validation samples: a compiled or "
+        "AOTI max |logit difference| above 5% of it fails the run (finish/finalize.py)",
+    ),
     ("int8_aoti_agreement", "float | None", "as int8_compiled_agreement, for the AOTI package"),
     ("int8_aoti_comparable_samples", "int", "as int8_compiled_comparable_samples, for AOTI"),
     ("int8_aoti_max_abs_logit_diff", "float", "max |logit difference|, AOTI vs reference"),
