@@ -7,10 +7,6 @@ import re
 import warnings
 
 import torch
-
-# Importing torchao 0.18 makes torch log "<enum 'KernelPreference'> is an Enum subclass ...
-# register_constant() ... deprecated": torchao registers an enum through an API torch 2.14
-# deprecates for enums (it handles them natively now). Harmless; docs/monitoring.md lists it.
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
