@@ -26,6 +26,4 @@ class _UpstreamNoise(logging.Filter):
 logging.getLogger("torch.utils._pytree").addFilter(
     _UpstreamNoise("KernelPreference", "register_constant()")
 )
-logging.getLogger("torch.utils.cpp_extension").addFilter(
-    _UpstreamNoise("No CUDA runtime is found")
-)
+logging.getLogger("torch.utils.cpp_extension").addFilter(_UpstreamNoise("No CUDA runtime is found"))
