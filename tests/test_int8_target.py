@@ -5,11 +5,18 @@ CPU; the final check that compiled int8 agrees with the converted reference."""
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_topology import fake_cpuinfo
 from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantize
 from torchao.quantization.pt2e.observer import MovingAveragePerChannelMinMaxObserver
 
@@ -24,6 +31,9 @@ from qatdist.quant import QatModel, QatPhase, load_int8
 from qatdist.quant import target as quant_target
 from qatdist.quant.kernels.fast_fake_quant import use_fast_fake_quant
 from qatdist.quant.ptq import prepare_ptq
+from qatdist.topology import cpu_int8_capabilities
+
+ROOT = Path(__file__).resolve().parent.parent
 
 AVX2_CPU = {"cpu_model": "Old EPYC", "int8_dot_product": False}
 VNNI_CPU = {"cpu_model": "New Xeon", "int8_dot_product": True}
@@ -148,3 +158,66 @@ def test_int8_disagreement_beyond_rounding_fails_naming_target_and_cpu():
     with pytest.raises(Int8Disagreement) as caught:
         check_int8_agreement(beyond | {"int8_target": "avx2"}, VNNI_CPU)
     assert "runs on" not in str(caught.value)  # not the CPU's fault: no such cause named
+
+
+# One 1x1 convolution over 64 channels whose inputs and weights reach the ends of their ranges:
+# with 8-bit weights a pair of u8 x s8 products (255 x 127 twice) overflows int16.
+_SATURATION_PROBE = textwrap.dedent("""
+    import copy, json, torch
+    from qatdist.config import QuantConfig
+    from qatdist.quant import QatModel, QatPhase, capture, compile_for_inference, prepare_qat
+    from qatdist.quant import target as quant_target
+
+    out = {"resolved": quant_target.resolve("auto")}
+    for target in ("vnni", "auto"):
+        torch.manual_seed(0)
+        net = torch.nn.Conv2d(64, 4, 1, bias=False)
+        with torch.no_grad():
+            net.weight.fill_(1.0)
+            net.weight[1].fill_(-1.0)
+        x = torch.rand(2, 64, 4, 4)
+        x[0] = 1.0
+        cfg = QuantConfig(target=target)
+        qat = QatModel(net, prepare_qat(capture(copy.deepcopy(net), x), cfg), cfg)
+        qat.set_phase(QatPhase(fake_quant_on=True, observers_frozen=False, bn_frozen=False))
+        qat.prepared(x)
+        int8 = qat.to_int8()
+        with torch.no_grad():
+            reference = int8(x)
+            compiled = compile_for_inference(int8)(x)
+        out[target] = float((compiled - reference).abs().max() / reference.abs().max())
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_without_int8_dot_products_only_the_avx2_target_is_exact():
+    """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, which any x86-64 CPU can run): 8-bit weights
+    ('vnni') saturate its int16 pair sums, the compiled model far from the converted one;
+    'auto' resolves to 'avx2' there, and compiled matches converted to float rounding."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-c", _SATURATION_PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    assert measured["resolved"] == "avx2"
+    assert measured["vnni"] > 0.25  # measured 0.49: every pair clipped to 32767
+    assert measured["auto"] < 1e-4
+
+
+def test_a_onednn_isa_cap_below_vnni_means_no_int8_dot_products(tmp_path, monkeypatch):
+    cpuinfo = fake_cpuinfo(tmp_path / "cpuinfo", ["avx2 avx512f avx512_vnni"] * 2)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for cap, dot_product in (("", True), ("AVX512_CORE_VNNI", True), ("avx2", False)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        caps = cpu_int8_capabilities(cpuinfo)
+        assert caps["int8_dot_product"] is dot_product, cap
+        assert caps["onednn_max_cpu_isa"] == (cap.upper() or None)
+    assert quant_target.cpu_target(caps) == "avx2"
+    assert "ONEDNN_MAX_CPU_ISA=AVX2" in quant_target.weaker_cpu_message("vnni", caps)

@@ -104,9 +104,11 @@ def weaker_cpu_message(target: str, capabilities: dict | None = None) -> str | N
     here = cpu_target(caps)
     if TARGETS.index(here) >= TARGETS.index(target):
         return None
+    cap = caps.get("onednn_max_cpu_isa")
+    lacking = f"ONEDNN_MAX_CPU_ISA={cap}" if cap else f"none of {', '.join(INT8_DOT_PRODUCT_FLAGS)}"
     return (
         f"int8 model built for target {target!r} runs on {caps['cpu_model'] or 'a CPU'} "
-        f"(target {here!r}: none of {', '.join(INT8_DOT_PRODUCT_FLAGS)}): its int16 partial "
+        f"(target {here!r}: {lacking}): its int16 partial "
         f"sums may saturate, so its outputs may differ from the converted model's by more than "
         f"rounding; rebuild it with quant.target = {here!r}"
     )
