@@ -328,12 +328,20 @@ def cpu_int8_preflight(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     from the converted model's by more than rounding."""
     caps = cpu_int8_capabilities(cpuinfo_path)
     if not caps["int8_dot_product"]:
+        cap = caps["onednn_max_cpu_isa"]
+        lacking = (
+            f"oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)"
+            if cap in ONEDNN_ISAS_WITHOUT_INT8_DOT_PRODUCT
+            and any(caps[flag] for flag in INT8_DOT_PRODUCT_FLAGS)
+            else f"none of {', '.join(INT8_DOT_PRODUCT_FLAGS)}"
+        )
         log.warning(
-            "this CPU (%s, torch capability %s) has none of %s: int8 convolutions and matmuls "
-            "run without int8 dot-product instructions: they may be no faster than fp32, and "
-            "their int16 partial sums may saturate (accuracy below the converted model's)",
+            "this CPU (%s, torch capability %s) has %s: int8 convolutions and matmuls run "
+            "without int8 dot-product instructions: they may be no faster than fp32, and their "
+            "int16 partial sums saturate unless the weights are 7-bit (quant.target 'avx2', "
+            "what 'auto' picks here)",
             caps["cpu_model"] or "model unknown",
             caps["torch_cpu_capability"],
-            ", ".join(INT8_DOT_PRODUCT_FLAGS),
+            lacking,
         )
     return caps
