@@ -495,7 +495,9 @@ def finalize(
 
     Before anything is written, the int8 model must answer a batch identically twice, and
     `eval_mismatch(images)` (`QatModel.eval_mismatch`: the float eval graph against the eager
-    model in eval mode) must find nothing; otherwise FinalCheckFailed.
+    model in eval mode) must find nothing; otherwise FinalCheckFailed. After the measurements,
+    the compiled (and AOTI) int8 logits must stay within `INT8_REL_LOGIT_DIFF_BOUND` of the
+    converted reference's logit scale; otherwise Int8Disagreement, and nothing is written.
     """
     batch_sizes = sorted(set(batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
