@@ -57,7 +57,10 @@ def weakest(targets: list[str]) -> str:
 
 
 def for_target(config: QuantizationConfig, target: str) -> QuantizationConfig:
-    """`config` with its weights quantized to `target`'s range (activations unchanged)."""
+    """`config` with its weights quantized to `target`'s range (activations unchanged; a
+    config without weight quantization as it is)."""
+    if config.weight is None:
+        return config
     quant_min, quant_max = WEIGHT_RANGE[resolve(target)]
     weight = dataclasses.replace(config.weight, quant_min=quant_min, quant_max=quant_max)
     return dataclasses.replace(config, weight=weight)
