@@ -47,8 +47,11 @@ interleaved rounds, in each of which the parent asks every stack's process in tu
 time; the first call of each run is discarded (a cold cache, threads waking), medians of the
 rest.
 
-The peers are optional (`pip install -e '.[peers]'`): a stack whose package is missing, or whose
-build fails, is listed in `skipped` with the reason, and the others still run.
+The peers are optional (`pip install -e '.[peers]'`): a peer whose package is missing, or whose
+build fails, is listed in `skipped` with the reason, and the others still run. A stack that does
+not answer within its deadline (`BUILD_DEADLINE_S` to build, `CALL_DEADLINE_S` per request
+after) is killed and listed in `hung`. qatdist's own stacks are what the comparison is about:
+one that fails or hangs raises `QatdistStackError` instead.
 """
 
 from __future__ import annotations
@@ -106,6 +109,14 @@ SETTLE_S = 0.05
 FP32_REL_ERROR_BOUND = 1e-3
 INT8_REL_ERROR_BOUND = 0.5
 INSTALL_HINT = openvino_ir.INSTALL_HINT
+# How long a stack's process may take to answer before it counts as hung and is killed: a
+# resnet50 AOTInductor build took minutes on 2 cores; a warm-up request compiles a batch size.
+BUILD_DEADLINE_S = 1800.0
+CALL_DEADLINE_S = 600.0
+
+
+class QatdistStackError(RuntimeError):
+    """One of qatdist's own stacks failed or hung: the comparison has nothing to compare."""
 
 
 def missing_packages(stacks: tuple[str, ...] = STACKS) -> dict[str, str]:
@@ -342,7 +353,8 @@ def build_stack(
 def _serve_stack(conn, stack: str, settings: dict) -> None:
     """A stack's process: build it, judge its first output, then time calls on request.
 
-    Replies on `conn`: ("ready", {agreement, build_s, first_call_s}) or ("skipped", reason);
+    Replies on `conn`: ("ready", {agreement, build_s, first_call_s}), ("skipped", reason) when
+    judged not fit to time or ("failed", reason) when the build failed;
     then to ("warm", b) ("warm", None) and to ("time", b, n) ("times", [ms per call]), to
     ("stop",) nothing. Any failure after "ready" is sent as ("failed", reason)."""
     torch.set_num_threads(settings["threads"])
@@ -370,7 +382,7 @@ def _serve_stack(conn, stack: str, settings: dict) -> None:
                 output = forward(held_out)
             first_call_s = time.perf_counter() - start
         except Exception as e:  # a peer's failure is reported and the others still run
-            conn.send(("skipped", f"build failed: {type(e).__name__}: {e}"[:500]))
+            conn.send(("failed", f"{type(e).__name__}: {e}"[:500]))
             return
         measured = agreement(output, fp32(held_out), stack)
         if kernels is not None:
@@ -409,24 +421,29 @@ class _StackProcess:
         self.process.start()
         child.close()  # only the child holds it now: its death reads as EOF here
 
-    def receive(self) -> tuple:
-        """The process's next reply; ("failed", why) when it died. Waits as long as the
-        process lives (a resnet50 AOTI build takes minutes), never past its death."""
+    def receive(self, deadline_s: float) -> tuple:
+        """The process's next reply; ("failed", why) when it died, ("hung", why) when it gave
+        none within `deadline_s` (it is then killed)."""
+        give_up = time.monotonic() + deadline_s
         while not self.conn.poll(1.0):
             if not self.process.is_alive():
                 break
+            if time.monotonic() > give_up:
+                self.process.kill()
+                self.process.join()
+                return ("hung", f"no reply within {deadline_s:.0f} s; stopped")
         try:
             return self.conn.recv()
         except EOFError:
             self.process.join(5)
             return ("failed", f"its process died (exit code {self.process.exitcode})")
 
-    def ask(self, *request) -> tuple:
+    def ask(self, *request, deadline_s: float) -> tuple:
         try:
             self.conn.send(request)
         except (BrokenPipeError, ConnectionResetError):
             return ("failed", f"its process died (exit code {self.process.exitcode})")
-        return self.receive()
+        return self.receive(deadline_s)
 
     def close(self) -> None:
         try:
@@ -452,11 +469,15 @@ def peer_latency(
     seed: int = 0,
     stacks: tuple[str, ...] = STACKS,
     progress: Callable[[str], None] = lambda line: None,
+    build_deadline_s: float = BUILD_DEADLINE_S,
+    call_deadline_s: float = CALL_DEADLINE_S,
 ) -> dict:
     """Latency (interleaved medians, ms) of each runnable stack at each batch size, agreement
-    with eager fp32, `int8_vs_best_peer` and the fastest qatdist artifact per batch size, and
-    {stack: reason} for what did not run. See the module docstring for the stacks, the
-    agreement criterion and the timing; `progress` receives a line per stack built."""
+    with eager fp32, `int8_vs_best_peer` and the fastest qatdist artifact per batch size,
+    {stack: reason} for what did not run (`skipped`) and for what was stopped at its deadline
+    (`hung`). See the module docstring for the stacks, the agreement criterion and the
+    timing; `progress` receives a line per stack built. Raises QatdistStackError when one of
+    qatdist's own stacks fails or hangs."""
     if per_round < 2:
         raise ValueError("per_round must be >= 2: the first call of each run is discarded")
     if unknown := [s for s in stacks if s not in REQUIRES]:
@@ -473,17 +494,30 @@ def peer_latency(
         "batch_sizes": tuple(batch_sizes),
     }
     skipped = missing_packages(stacks)
+    hung: dict[str, str] = {}
     agreements: dict[str, dict] = {}
     build_s: dict[str, float] = {}
     running: dict[str, _StackProcess] = {}
+
+    def lost(stack: str, kind: str, reason: str) -> None:
+        """A stack that failed or hung: reported, and the others go on (not qatdist's own)."""
+        if stack in (*QATDIST_ARTIFACTS, CPP_WRAPPER):
+            raise QatdistStackError(f"{model_name}: qatdist's stack {stack} {kind}: {reason}")
+        (hung if kind == "hung" else skipped)[stack] = reason
+        if stack in running:
+            running.pop(stack).close()
+
     try:
         for stack in (s for s in stacks if s not in skipped):  # one build at a time
             start = time.perf_counter()
             process = _StackProcess(stack, settings)
-            kind, detail = process.receive()
+            kind, detail = process.receive(build_deadline_s)
             if kind != "ready":
-                skipped[stack] = detail if kind == "skipped" else f"build failed: {detail}"
                 process.close()
+                if kind == "skipped":  # judged and not timed (`_not_timed`)
+                    skipped[stack] = detail
+                else:
+                    lost(stack, kind, detail if kind == "hung" else f"build failed: {detail}")
                 continue
             running[stack] = process
             agreements[stack] = detail["agreement"]
@@ -493,17 +527,18 @@ def peer_latency(
         rows = []
         for b in batch_sizes:
             for stack in list(running):
-                if (reply := running[stack].ask("warm", b))[0] != "warm":
-                    skipped[stack] = f"failed at batch {b}: {reply[1]}"
-                    running.pop(stack).close()
+                kind, detail = running[stack].ask("warm", b, deadline_s=call_deadline_s)
+                if kind != "warm":
+                    lost(stack, kind, f"at batch {b}: {detail}")
             times: dict[str, list[float]] = {stack: [] for stack in running}
             for _ in range(rounds):
                 for stack in list(running):
                     time.sleep(SETTLE_S)  # the previous stack's threads stop spinning
-                    kind, detail = running[stack].ask("time", b, per_round)
+                    kind, detail = running[stack].ask(
+                        "time", b, per_round, deadline_s=call_deadline_s
+                    )
                     if kind != "times":
-                        skipped[stack] = f"failed at batch {b}: {detail}"
-                        running.pop(stack).close()
+                        lost(stack, kind, f"at batch {b}: {detail}")
                         del times[stack]
                         continue
                     times[stack] += detail[1:]
@@ -528,6 +563,7 @@ def peer_latency(
         "rows": rows,
         "agreement": agreements,
         "skipped": skipped,
+        "hung": hung,
         "build_s": build_s,
     }
 

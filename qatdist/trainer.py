@@ -28,7 +28,7 @@ from qatdist.finish.finalize import finalize
 from qatdist.guards import NonFiniteGuard
 from qatdist.monitor import Monitor
 from qatdist.optim import build_optimizer, build_scheduler
-from qatdist.quant import QatModel, QatPhase, SyncStats, phase_at
+from qatdist.quant import QatModel, QatPhase, SyncStats, fake_quant_op, phase_at
 from qatdist.quant import target as quant_target
 from qatdist.run.checkpoint import (
     Checkpointer,
@@ -391,6 +391,7 @@ class Trainer:
             train_images_per_s=trained / self.train_seconds if self.train_seconds else 0.0,
             train_images=trained,
             fp32_fake_quant_top1=fq_top1,
+            fake_quant_op=fake_quant_op(self.qat.prepared),
             **baselines,
             observer_sync_max_divergence_before=final_sync.max_divergence_before,
             observer_sync_max_divergence_after=final_sync.max_divergence_after,

@@ -62,14 +62,16 @@ TARGETS = {
 
 # Written by --peers (instead of the keys above): latencies per model, batch and stack; the
 # fastest qatdist int8 artifact over the fastest peer int8 per model and batch, and its geomean
-# per batch; each stack's agreement with eager fp32; what could not run and why; the peer
-# packages' versions; which qatdist artifact was the fastest per model and batch.
+# per batch; each stack's agreement with eager fp32; what could not run and why; what was
+# stopped at its deadline (hung); the peer packages' versions; which qatdist artifact was the
+# fastest per model and batch.
 PEER_JSON_KEYS = (
     "peer_latency_ms",
     "int8_vs_best_peer",
     "int8_vs_best_peer_geomean",
     "peer_agreement",
     "peer_skipped",
+    "peer_hung",
     "peer_versions",
     "fastest_qatdist_artifact",
 )
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Inductor / OpenVINO fp32, on torchvision models at 224x224, batch "
         f"{' and '.join(map(str, PEER_BATCH_SIZES))}, each stack in its own process, "
         "interleaved (needs the `peers` extra; stacks whose packages are missing are listed, "
-        "not run). "
+        "not run; a stack that does not answer within its deadline is stopped and listed as "
+        "hung; one of qatdist's own stacks failing or hanging ends the run with exit code 1). "
         f"Models: {','.join(INT8_MODELS)} (--quick: resnet18, fewer iterations).",
     )
     parser.add_argument(
@@ -393,6 +396,7 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
         }
         results["peer_agreement"][name] = r["agreement"]
         results["peer_skipped"][name] = r["skipped"]
+        results["peer_hung"][name] = r["hung"]
         results["fastest_qatdist_artifact"][name] = {
             str(row["batch_size"]): row.get("fastest_qatdist") for row in r["rows"]
         }
@@ -406,6 +410,8 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
             )
         for stack, reason in r["skipped"].items():
             print(f"  {stack}: could not run: {reason}")
+        for stack, reason in r["hung"].items():
+            print(f"  {stack}: stopped: {reason}")
         for row in r["rows"]:
             ratio = row["int8_vs_best_peer"]
             print(
@@ -451,7 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     start = time.perf_counter()
     if args.peers:
-        results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
+        from benchmarks.peers import QatdistStackError
+
+        try:
+            results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
+        except QatdistStackError as e:  # nothing to compare the peers with
+            print(f"bench.py: {e}", file=sys.stderr)
+            return 1
         geomean = results["int8_vs_best_peer_geomean"]
         print(
             "\n## Summary (latency ms; int8_vs_best_peer: the fastest qatdist artifact over the "

@@ -5,6 +5,7 @@ size."""
 import copy
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -125,7 +126,7 @@ def test_bitwise_equal_to_torchao_in_every_phase(make, shape, kernel_calls):
             module.observer_enabled.fill_(int(observe))
             module.fake_quant_enabled.fill_(int(fake_quant))
         _assert_same_step(reference, fast, _inputs(shape, step), qparams_set=step > 0)
-    assert len(kernel_calls) == 3  # the fake-quant phases, whatever the size
+    assert len(kernel_calls) == len(phases)  # one call per forward, whatever the phase and size
     # Gradients are zero exactly where values were clamped, and some were.
     x = _inputs(shape, 7) * 20
     x.requires_grad_(True)
@@ -259,5 +260,5 @@ def test_a_failing_compiler_is_a_clear_error_and_leaves_no_library(tmp_path):
     assert done.returncode != 0
     assert "NativeBuildError: compiling fake_quant.cpp failed" in done.stderr, done.stderr
     assert "quant.fast_fake_quant = false" in done.stderr
-    assert "command: false " in done.stderr
+    assert f"command: {shutil.which('false')} " in done.stderr
     assert not list(tmp_path.rglob("*.so"))

@@ -1,11 +1,14 @@
 """benchmarks/peers.py and `scripts/bench.py --peers`: the ratio, the agreement verdicts and the
-missing-package path without the peers installed; an OpenVINO smoke run when it is."""
+missing-package path without the peers installed; a hanging peer stopped at its deadline and a
+failing qatdist stack as an error (with stand-in stack processes); an OpenVINO smoke run when it
+is installed."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -89,6 +92,7 @@ def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch,
             "rows": rows,
             "agreement": {"qatdist_int8": ok, "ort_int8": ok},
             "skipped": {"openvino_int8": "package(s) openvino not installed (pip ...)"},
+            "hung": {},
         }
 
     monkeypatch.setattr(peers, "peer_latency", fake)
@@ -163,3 +167,60 @@ def test_openvino_stacks_run_on_a_small_model():
     assert row["int8_vs_best_peer"] == pytest.approx(
         ms["qatdist_int8_openvino"] / ms["openvino_int8"]
     )
+
+
+def _serve_hanging_or_failing(conn, stack: str, settings: dict) -> None:
+    """Stands in for `peers._serve_stack`: qatdist's Inductor stack fails to build; ORT builds
+    but never answers a request; the fp32 stack answers like a real one (in microseconds)."""
+    if stack == "qatdist_int8":
+        conn.send(("failed", "RuntimeError: no int8 kernel"))
+        return
+    ok = {"rel_error": 0.0, "bound": peers.FP32_REL_ERROR_BOUND, "ok": True, "top1_agreement": 1}
+    conn.send(("ready", {"agreement": ok, "build_s": 0.0, "first_s": 0.0}))
+    while (request := conn.recv())[0] != "stop":
+        if stack == "ort_int8":
+            time.sleep(3600)
+        conn.send(("warm", None) if request[0] == "warm" else ("times", [1.0] * request[2]))
+
+
+@pytest.fixture
+def fake_stacks(monkeypatch):
+    monkeypatch.setattr(peers, "_serve_stack", _serve_hanging_or_failing)
+    monkeypatch.setattr(peers, "missing_packages", lambda stacks: {})
+    # The deadline is what is tested: a healthy stack answers a request in microseconds.
+    return dict(batch_sizes=(1,), rounds=2, per_round=2, call_deadline_s=10.0)
+
+
+def test_a_hanging_peer_is_stopped_at_its_deadline_and_reported(fake_stacks):
+    """The hung stack's process is killed and listed in `hung`; the others are timed."""
+    result = peers.peer_latency("resnet18", stacks=("ort_int8", "inductor_fp32"), **fake_stacks)
+    assert result["hung"] == {"ort_int8": "at batch 1: no reply within 10 s; stopped"}
+    assert "ort_int8" not in result["skipped"]
+    assert result["rows"][0]["ms"] == {"inductor_fp32": 1.0}
+
+
+def test_qatdists_own_stack_failing_is_an_error_not_a_skipped_row(fake_stacks):
+    with pytest.raises(peers.QatdistStackError, match="qatdist_int8 failed: build failed: Runt"):
+        peers.peer_latency("resnet18", stacks=("inductor_fp32", "qatdist_int8"), **fake_stacks)
+
+
+def test_bench_peers_reports_a_hung_stack_and_exits_non_zero_when_qatdist_fails(
+    monkeypatch, tmp_path, capsys
+):
+    def hung(name, **kwargs):
+        return {"rows": [], "agreement": {}, "skipped": {}, "hung": {"ort_int8": "no reply"}}
+
+    monkeypatch.setattr(peers, "peer_latency", hung)
+    script = _load_script(monkeypatch)
+    out = tmp_path / "peers.json"
+    assert script.main(["--peers", "--models", "resnet18", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["peer_hung"] == {"resnet18": {"ort_int8": "no reply"}}
+    assert "ort_int8: stopped: no reply" in capsys.readouterr().out
+
+    def failing(name, **kwargs):
+        raise peers.QatdistStackError(f"{name}: qatdist's stack qatdist_int8 failed: boom")
+
+    monkeypatch.setattr(peers, "peer_latency", failing)
+    assert script.main(["--peers", "--models", "resnet18", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "bench.py: resnet18: qatdist's stack qatdist_int8 failed: boom" in captured.err

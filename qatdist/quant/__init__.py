@@ -3,11 +3,13 @@
 `QatModel` owns a model's QAT life (build, capture, prepare, phases, eval, sync, convert); the
 modules behind it: `capture` (torch.export), `prepare` (X86InductorQuantizer, prepare_qat_pt2e),
 `schedule` (QAT phases, train/eval switches), `sync` (cross-rank statistics), `convert` (int8,
-Inductor compile, `load_int8` for a saved int8 program).
+Inductor compile, `load_int8` for a saved int8 program), `fake_quant_op` (which op runs the
+fake quants: qatdist's C++ ops or torchao's).
 """
 
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import compile_for_inference, convert_to_int8, load_int8
+from qatdist.quant.kernels.fast_fake_quant import fake_quant_op
 from qatdist.quant.model import QatModel, state_sha256
 from qatdist.quant.prepare import prepare_qat
 from qatdist.quant.schedule import QatPhase, phase_at
@@ -20,6 +22,7 @@ __all__ = [
     "capture",
     "compile_for_inference",
     "convert_to_int8",
+    "fake_quant_op",
     "load_int8",
     "phase_at",
     "prepare_qat",

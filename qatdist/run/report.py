@@ -56,6 +56,12 @@ _KEYS = [
     ("rank_skipped_nonfinite_steps", "list[int]", "skipped_nonfinite_steps as each rank counted"),
     ("teacher_seconds_total", "float", "time spent in the distillation teacher's forward"),
     (
+        "fake_quant_op",
+        "str | None",
+        "what computed the fake quants in training: 'qatdist_cpp' (qatdist's C++ ops) or "
+        "'torchao' (torchao's op: quant.fast_fake_quant = false, or no C++ compiler); null: none",
+    ),
+    (
         "teacher_weights_source",
         "dict | None",
         "train.distill_teacher_weights as loaded, the same fields as weights_source; null: the "

@@ -77,15 +77,22 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
     docstring); same buffers, flags and `calculate_qparams`, same results as the ATen op."""
 
     def forward(self, X: torch.Tensor | ScaledWeight) -> torch.Tensor:
+        # The flags go into the ops as tensors (as into the ATen op), never read in Python: a
+        # graph traced by torch.compile / torch.export then follows them at run time.
         observer = self.activation_post_process
-        observe, fake_quant = bool(self.observer_enabled), bool(self.fake_quant_enabled)
         if isinstance(X, ScaledWeight):
-            if not (fake_quant and self.is_per_channel):
+            # Traced by torch.compile, the scaling inside the kernel gave BatchNorm's weight a
+            # gradient 1e-3 (relative) away from eager's, while the unfused product compiled
+            # matches it to rounding (torch 2.14, aot_eager and Inductor; tests/test_native_ops.py):
+            # traced graphs keep the product as ATen ops.
+            if not self.is_per_channel or torch.compiler.is_compiling():
                 out = self.forward(X.product())  # what the unfused graph computes
                 return torch.div(out, X.scale) if X.divide_back else out
             return torch.ops.qatdist.scaled_fake_quantize(
                 X.weight,
                 X.scale,
+                self.observer_enabled,
+                self.fake_quant_enabled,
                 observer.min_val,
                 observer.max_val,
                 self.scale,
@@ -94,23 +101,12 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
                 observer.quant_min,
                 observer.quant_max,
                 self.is_symmetric_quant,
-                observe,
                 X.divide_back,
             )
-        if not fake_quant:
-            if observe:
-                torch.ops.qatdist.observe(
-                    X,
-                    observer.min_val,
-                    observer.max_val,
-                    self.scale,
-                    self.zero_point,
-                    observer.averaging_constant,
-                    self.is_per_channel,
-                )
-            return X
         return torch.ops.qatdist.fake_quantize(
             X,
+            self.observer_enabled,
+            self.fake_quant_enabled,
             observer.min_val,
             observer.max_val,
             self.scale,
@@ -120,7 +116,6 @@ class FastFusedFakeQuantize(FusedMovingAvgObsFakeQuantize):
             observer.quant_max,
             self.is_per_channel,
             self.is_symmetric_quant,
-            observe,
         )
 
 
@@ -143,14 +138,25 @@ def _supported(module: torch.nn.Module) -> bool:
 def use_fast_fake_quant(model: torch.nn.Module) -> int:
     """Switch every supported `FusedMovingAvgObsFakeQuantize` in `model` to
     `FastFusedFakeQuantize` in place (same object, same buffers); returns how many. Builds
-    qatdist's C++ ops first if this machine has no cached build (`native_ops.load`)."""
-    switched = 0
-    for module in model.modules():
-        if _supported(module):
-            if not switched:
-                native_ops.load()
-            # A class switch rather than a new module: the graph, DDP's parameter list and
-            # any optimizer keep referring to the same objects.
-            module.__class__ = FastFusedFakeQuantize
-            switched += 1
-    return switched
+    qatdist's C++ ops first if this machine has no cached build; on a machine without a C++
+    compiler switches none (`native_ops.available` warns once) and torchao's op runs."""
+    modules = [m for m in model.modules() if _supported(m)]
+    if not modules or not native_ops.available():
+        return 0
+    for module in modules:
+        # A class switch rather than a new module: the graph, DDP's parameter list and
+        # any optimizer keep referring to the same objects.
+        module.__class__ = FastFusedFakeQuantize
+    return len(modules)
+
+
+QATDIST_CPP, TORCHAO = "qatdist_cpp", "torchao"
+
+
+def fake_quant_op(model: torch.nn.Module) -> str | None:
+    """Which op computes `model`'s fake quants: "qatdist_cpp" (qatdist's C++ ops), "torchao"
+    (torchao's `FusedMovingAvgObsFakeQuantize` op) or None (no fake quant)."""
+    kinds = {type(m) for m in model.modules() if isinstance(m, FusedMovingAvgObsFakeQuantize)}
+    if FastFusedFakeQuantize in kinds:
+        return QATDIST_CPP
+    return TORCHAO if kinds else None

@@ -2,7 +2,8 @@
 // (moving-average min/max observer, ATen's own ChooseQuantizationParams, fake quantization and
 // its straight-through gradient), bit for bit, with vectorized loops and one C++ call per
 // forward and per backward. Built on first use by qatdist/quant/kernels/native_ops.py; the docstring of
-// qatdist/quant/kernels/fast_fake_quant.py says why.
+// qatdist/quant/kernels/fast_fake_quant.py says why. Their fake (meta) implementations, for
+// torch.compile and torch.export, are in qatdist/quant/kernels/fake_impls.py.
 //
 // Per-channel weights are processed a row (an output channel) at a time, on torch's thread
 // pool: observe the row, choose its qparams, fake-quantize it, while the row is in cache. The
@@ -14,6 +15,8 @@
 // so they vectorize without reassociating anything and give the same bits on any x86-64 CPU.
 
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/quantized/cpu/QuantUtils.h>
 #include <ATen/ops/empty.h>
@@ -24,6 +27,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -227,11 +232,11 @@ void per_tensor_forward(const float* x, float* out, int64_t n, Buffers& buffers,
 
 // Per channel, a row at a time: observe `w[r] * factor[r]`, choose the row's qparams and
 // fake-quantize it, optionally dividing the result by factor[r] again (`divide_back`).
-// `factor` null: the rows as they are.
+// `factor` null: the rows as they are. Fake quant off (`quantize` false): the product as it is.
 void per_channel_forward(const float* w, const float* factor, float* out, int64_t rows,
                          int64_t cols, Buffers& buffers, float constant, bool observe,
-                         int64_t qmin, int64_t qmax, bool symmetric, bool divide_back,
-                         float* saved) {
+                         bool quantize, int64_t qmin, int64_t qmax, bool symmetric,
+                         bool divide_back, float* saved) {
   float* running_min = buffers.running_min.data_ptr<float>();
   float* running_max = buffers.running_max.data_ptr<float>();
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
@@ -240,10 +245,14 @@ void per_channel_forward(const float* w, const float* factor, float* out, int64_
       const float f = factor ? factor[r] : 1.0f;
       const float* wr = w + r * cols;
       if (observe) observe_row(wr, cols, f, running_min[r], running_max[r], constant);
+      float* outr = out + r * cols;
+      if (!quantize) {
+        for (int64_t c = 0; c < cols; ++c) outr[c] = divide_back ? wr[c] * f / f : wr[c] * f;
+        continue;
+      }
       const QParams q = choose_qparams(running_min[r], running_max[r], qmin, qmax, symmetric);
       buffers.store(r, q, saved, rows);
       const float inv = 1.0f / q.scale;
-      float* outr = out + r * cols;
       if (divide_back) {
         for (int64_t c = 0; c < cols; ++c) {
           outr[c] = fake_quant_value(wr[c] * f, inv, q.scale, q.zero_point, lo, hi) / f;
@@ -280,14 +289,15 @@ void fake_quant_backward(const float* x, const float* grad, float* grad_x, int64
   }
 }
 
-// Gradients of `out = fake_quant(w * f) [/ f]` per row, for `w` and `f`:
+// Gradients of `out = fake_quant(w * f) [/ f]` per row, for `w` and `f` (fake quant off,
+// `quantized` false: m = 1 and fake_quant the identity):
 //   without divide_back: dw = m * g * f,  df = sum(m * g * w);
 //   with divide_back:    dw = m * g,      df = sum(g * (m * w - fake_quant(w * f) / f)) / f,
 // where m is the straight-through mask. In exact arithmetic these are autograd's gradients of
 // the unfused graph; the sums run in this kernel's order.
 void scaled_backward(const float* w, const float* factor, const float* grad, float* grad_w,
                      float* grad_factor, int64_t rows, int64_t cols, const float* saved,
-                     int64_t qmin, int64_t qmax, bool divide_back) {
+                     int64_t qmin, int64_t qmax, bool divide_back, bool quantized) {
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) {
     std::vector<float> contribution(cols);  // what each element adds to df, per unit of grad
@@ -298,118 +308,16 @@ void scaled_backward(const float* w, const float* factor, const float* grad, flo
       const float dw_factor = divide_back ? 1.0f : f;
       for (int64_t c = 0; c < cols; ++c) {
         const float g = gr[c], p = wr[c] * f;  // the same product as the forward's
-        const bool m = in_range(p, inv, zp, lo, hi);
+        const bool m = !quantized || in_range(p, inv, zp, lo, hi);
         gwr[c] = (m ? g : 0.0f) * dw_factor;
         const float masked_w = m ? wr[c] : 0.0f;
-        contribution[c] =
-            divide_back ? masked_w - fake_quant_value(p, inv, scale, zp, lo, hi) / f : masked_w;
+        const float q = quantized ? fake_quant_value(p, inv, scale, zp, lo, hi) : p;
+        contribution[c] = divide_back ? masked_w - q / f : masked_w;
       }
       const float sum = dot(gr, contribution.data(), cols);
       grad_factor[r] = divide_back ? sum / f : sum;
     }
   });
-}
-
-struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& input, Tensor running_min,
-                        Tensor running_max, Tensor scale, Tensor zero_point,
-                        double averaging_constant, int64_t qmin, int64_t qmax, bool per_channel,
-                        bool symmetric, bool observe) {
-    check_input(input);
-    const Tensor x = input.contiguous();
-    const int64_t rows = per_channel ? x.size(0) : 1, cols = rows ? x.numel() / rows : 0;
-    Buffers buffers{running_min, running_max, scale, zero_point};
-    if (observe) buffers.size_for(rows);
-    buffers.check(rows);
-    Tensor out = at::empty(x.sizes(), x.options());
-    Tensor saved = at::empty({2 * rows}, x.options());  // scales, then zero points
-    const float constant = static_cast<float>(averaging_constant);
-    if (per_channel) {
-      per_channel_forward(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), rows, cols,
-                          buffers, constant, observe, qmin, qmax, symmetric, false,
-                          saved.data_ptr<float>());
-    } else {
-      per_tensor_forward(x.data_ptr<float>(), out.data_ptr<float>(), cols, buffers, constant,
-                         observe, qmin, qmax, symmetric, saved.data_ptr<float>());
-    }
-    ctx->save_for_backward({x, saved});
-    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax, rows};
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto qrange = ctx->saved_data["qrange"].toIntVector();
-    const Tensor grad = grads[0].contiguous();
-    Tensor grad_x = at::empty(grad.sizes(), grad.options());
-    const int64_t rows = qrange[2], cols = rows ? grad.numel() / rows : 0;
-    fake_quant_backward(saved[0].data_ptr<float>(), grad.data_ptr<float>(),
-                        grad_x.data_ptr<float>(), rows, cols, saved[1].data_ptr<float>(),
-                        qrange[0], qrange[1]);
-    variable_list out(11);
-    out[0] = grad_x;
-    return out;
-  }
-};
-
-// Fake quantization of `weight * factor` per output channel (the conv-BN QAT weight scaling
-// taken inside the kernels), optionally divided by `factor` again.
-struct ScaledFakeQuantize : public torch::autograd::Function<ScaledFakeQuantize> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& factor,
-                        Tensor running_min, Tensor running_max, Tensor scale, Tensor zero_point,
-                        double averaging_constant, int64_t qmin, int64_t qmax, bool symmetric,
-                        bool observe, bool divide_back) {
-    check_input(weight);
-    check_input(factor);
-    const Tensor w = weight.contiguous(), f = factor.contiguous();
-    const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
-    TORCH_CHECK(f.numel() == rows, "qatdist scaled fake quant: ", f.numel(),
-                " scale factors for ", rows, " channels");
-    Buffers buffers{running_min, running_max, scale, zero_point};
-    if (observe) buffers.size_for(rows);
-    buffers.check(rows);
-    Tensor out = at::empty(w.sizes(), w.options());
-    Tensor saved = at::empty({2 * rows}, w.options());
-    per_channel_forward(w.data_ptr<float>(), f.data_ptr<float>(), out.data_ptr<float>(), rows,
-                        cols, buffers, static_cast<float>(averaging_constant), observe, qmin,
-                        qmax, symmetric, divide_back, saved.data_ptr<float>());
-    ctx->save_for_backward({w, f, saved});
-    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax, divide_back};
-    return out;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto qrange = ctx->saved_data["qrange"].toIntVector();
-    const Tensor &w = saved[0], &f = saved[1];
-    const Tensor grad = grads[0].contiguous();
-    Tensor grad_w = at::empty(w.sizes(), w.options());
-    Tensor grad_f = at::empty(f.sizes(), f.options());
-    const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
-    scaled_backward(w.data_ptr<float>(), f.data_ptr<float>(), grad.data_ptr<float>(),
-                    grad_w.data_ptr<float>(), grad_f.data_ptr<float>(), rows, cols,
-                    saved[2].data_ptr<float>(), qrange[0], qrange[1], qrange[2] != 0);
-    variable_list out(12);
-    out[0] = grad_w;
-    out[1] = grad_f;
-    return out;
-  }
-};
-
-Tensor fake_quantize(const Tensor& x, Tensor running_min, Tensor running_max, Tensor scale,
-                     Tensor zero_point, double averaging_constant, int64_t quant_min,
-                     int64_t quant_max, bool per_channel, bool symmetric, bool observe) {
-  return FakeQuantize::apply(x, running_min, running_max, scale, zero_point, averaging_constant,
-                             quant_min, quant_max, per_channel, symmetric, observe);
-}
-
-Tensor scaled_fake_quantize(const Tensor& weight, const Tensor& factor, Tensor running_min,
-                            Tensor running_max, Tensor scale, Tensor zero_point,
-                            double averaging_constant, int64_t quant_min, int64_t quant_max,
-                            bool symmetric, bool observe, bool divide_back) {
-  return ScaledFakeQuantize::apply(weight, factor, running_min, running_max, scale, zero_point,
-                                   averaging_constant, quant_min, quant_max, symmetric, observe,
-                                   divide_back);
 }
 
 // The observer update alone (fake quant off).
@@ -435,22 +343,250 @@ void observe_only(const Tensor& input, Tensor running_min, Tensor running_max, T
   });
 }
 
+// ---- CPU kernels. Each forward returns its output and the qparams it used (scales, then zero
+// points: what the backward reads, since the module's buffers change at the next forward).
+
+// A module's `observer_enabled` / `fake_quant_enabled` buffer, read as the ATen op reads it.
+bool flag(const Tensor& enabled) { return enabled.item().toLong() != 0; }
+
+// `saved` holds, after the scales and zero points, whether fake quant ran (1) or not (0).
+Tensor saved_qparams(int64_t rows, bool quantize, const at::TensorOptions& options) {
+  Tensor saved = at::zeros({2 * rows + 1}, options);
+  saved.data_ptr<float>()[2 * rows] = quantize ? 1.0f : 0.0f;
+  return saved;
+}
+
+std::tuple<Tensor, Tensor> fake_quantize_forward(const Tensor& input, const Tensor& observer_on,
+                                                 const Tensor& fake_quant_on, Tensor running_min,
+                                                 Tensor running_max, Tensor scale,
+                                                 Tensor zero_point, double averaging_constant,
+                                                 int64_t qmin, int64_t qmax, bool per_channel,
+                                                 bool symmetric) {
+  check_input(input);
+  const bool observe = flag(observer_on), quantize = flag(fake_quant_on);
+  const Tensor x = input.contiguous();
+  const int64_t rows = per_channel ? x.size(0) : 1, cols = rows ? x.numel() / rows : 0;
+  Tensor saved = saved_qparams(rows, quantize, x.options());
+  if (!quantize) {  // as the ATen op: observe, and a copy of the input
+    if (observe) {
+      observe_only(x, running_min, running_max, scale, zero_point, averaging_constant,
+                   per_channel);
+    }
+    return {x.clone(), saved};
+  }
+  Buffers buffers{running_min, running_max, scale, zero_point};
+  if (observe) buffers.size_for(rows);
+  buffers.check(rows);
+  Tensor out = at::empty(x.sizes(), x.options());
+  const float constant = static_cast<float>(averaging_constant);
+  if (per_channel) {
+    per_channel_forward(x.data_ptr<float>(), nullptr, out.data_ptr<float>(), rows, cols,
+                        buffers, constant, observe, true, qmin, qmax, symmetric, false,
+                        saved.data_ptr<float>());
+  } else {
+    per_tensor_forward(x.data_ptr<float>(), out.data_ptr<float>(), cols, buffers, constant,
+                       observe, qmin, qmax, symmetric, saved.data_ptr<float>());
+  }
+  return {out, saved};
+}
+
+Tensor fake_quantize_backward(const Tensor& input, const Tensor& grad_output, const Tensor& saved,
+                              int64_t qmin, int64_t qmax) {
+  const Tensor x = input.contiguous(), grad = grad_output.contiguous();
+  const int64_t rows = (saved.numel() - 1) / 2;
+  if (saved.data_ptr<float>()[2 * rows] == 0.0f) return grad.clone();  // fake quant was off
+  Tensor grad_x = at::empty(grad.sizes(), grad.options());
+  const int64_t cols = rows ? grad.numel() / rows : 0;
+  fake_quant_backward(x.data_ptr<float>(), grad.data_ptr<float>(), grad_x.data_ptr<float>(), rows,
+                      cols, saved.data_ptr<float>(), qmin, qmax);
+  return grad_x;
+}
+
+// Fake quantization of `weight * factor` per output channel (the conv-BN QAT weight scaling
+// taken inside the kernels), optionally divided by `factor` again.
+std::tuple<Tensor, Tensor> scaled_fake_quantize_forward(
+    const Tensor& weight, const Tensor& factor, const Tensor& observer_on,
+    const Tensor& fake_quant_on, Tensor running_min, Tensor running_max, Tensor scale,
+    Tensor zero_point, double averaging_constant, int64_t qmin, int64_t qmax, bool symmetric,
+    bool divide_back) {
+  check_input(weight);
+  check_input(factor);
+  const bool observe = flag(observer_on), quantize = flag(fake_quant_on);
+  const Tensor w = weight.contiguous(), f = factor.contiguous();
+  const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
+  TORCH_CHECK(f.numel() == rows, "qatdist scaled fake quant: ", f.numel(), " scale factors for ",
+              rows, " channels");
+  Buffers buffers{running_min, running_max, scale, zero_point};
+  if (observe) buffers.size_for(rows);
+  if (quantize) buffers.check(rows);
+  Tensor out = at::empty(w.sizes(), w.options());
+  Tensor saved = saved_qparams(rows, quantize, w.options());
+  per_channel_forward(w.data_ptr<float>(), f.data_ptr<float>(), out.data_ptr<float>(), rows,
+                      cols, buffers, static_cast<float>(averaging_constant), observe, quantize,
+                      qmin, qmax, symmetric, divide_back, saved.data_ptr<float>());
+  return {out, saved};
+}
+
+std::tuple<Tensor, Tensor> scaled_fake_quantize_backward(const Tensor& weight,
+                                                         const Tensor& factor,
+                                                         const Tensor& grad_output,
+                                                         const Tensor& saved, int64_t qmin,
+                                                         int64_t qmax, bool divide_back) {
+  const Tensor w = weight.contiguous(), f = factor.contiguous(), grad = grad_output.contiguous();
+  Tensor grad_w = at::empty(w.sizes(), w.options());
+  Tensor grad_f = at::empty(f.sizes(), f.options());
+  const int64_t rows = w.size(0), cols = rows ? w.numel() / rows : 0;
+  scaled_backward(w.data_ptr<float>(), f.data_ptr<float>(), grad.data_ptr<float>(),
+                  grad_w.data_ptr<float>(), grad_f.data_ptr<float>(), rows, cols,
+                  saved.data_ptr<float>(), qmin, qmax, divide_back,
+                  saved.data_ptr<float>()[2 * rows] != 0.0f);
+  return {grad_w, grad_f};
+}
+
+// The public ops below autograd (inference mode): the forward's output alone.
+Tensor fake_quantize_cpu(const Tensor& x, const Tensor& observer_on, const Tensor& fake_quant_on,
+                         Tensor running_min, Tensor running_max, Tensor scale, Tensor zero_point,
+                         double averaging_constant, int64_t quant_min, int64_t quant_max,
+                         bool per_channel, bool symmetric) {
+  return std::get<0>(fake_quantize_forward(x, observer_on, fake_quant_on, running_min,
+                                           running_max, scale, zero_point, averaging_constant,
+                                           quant_min, quant_max, per_channel, symmetric));
+}
+
+Tensor scaled_fake_quantize_cpu(const Tensor& weight, const Tensor& factor,
+                                const Tensor& observer_on, const Tensor& fake_quant_on,
+                                Tensor running_min, Tensor running_max, Tensor scale,
+                                Tensor zero_point, double averaging_constant, int64_t quant_min,
+                                int64_t quant_max, bool symmetric, bool divide_back) {
+  return std::get<0>(scaled_fake_quantize_forward(
+      weight, factor, observer_on, fake_quant_on, running_min, running_max, scale, zero_point,
+      averaging_constant, quant_min, quant_max, symmetric, divide_back));
+}
+
+// ---- Autograd. The forward and backward call the kernels through the dispatcher (below
+// autograd), not directly: under torch.compile / torch.export the tensors are fake and the
+// dispatcher sends them to the fake implementations (qatdist/quant/kernels/fake_impls.py).
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+struct FakeQuantize : public torch::autograd::Function<FakeQuantize> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& observer_on,
+                        const Tensor& fake_quant_on, Tensor running_min, Tensor running_max,
+                        Tensor scale, Tensor zero_point, double averaging_constant, int64_t qmin,
+                        int64_t qmax, bool per_channel, bool symmetric) {
+    static const auto op = op_handle<decltype(fake_quantize_forward)>(
+        "qatdist::fake_quantize_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, saved] = op.call(input, observer_on, fake_quant_on, running_min, running_max, scale,
+                                zero_point, averaging_constant, qmin, qmax, per_channel,
+                                symmetric);
+    ctx->save_for_backward({input, saved});
+    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(fake_quantize_backward)>(
+        "qatdist::fake_quantize_backward");
+    const auto saved = ctx->get_saved_variables();
+    const auto qrange = ctx->saved_data["qrange"].toIntVector();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    variable_list out(12);
+    out[0] = op.call(saved[0], grads[0], saved[1], qrange[0], qrange[1]);
+    return out;
+  }
+};
+
+struct ScaledFakeQuantize : public torch::autograd::Function<ScaledFakeQuantize> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& weight, const Tensor& factor,
+                        const Tensor& observer_on, const Tensor& fake_quant_on,
+                        Tensor running_min, Tensor running_max, Tensor scale, Tensor zero_point,
+                        double averaging_constant, int64_t qmin, int64_t qmax, bool symmetric,
+                        bool divide_back) {
+    static const auto op = op_handle<decltype(scaled_fake_quantize_forward)>(
+        "qatdist::scaled_fake_quantize_forward");
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, saved] = op.call(weight, factor, observer_on, fake_quant_on, running_min,
+                                running_max, scale, zero_point, averaging_constant, qmin, qmax,
+                                symmetric, divide_back);
+    ctx->save_for_backward({weight, factor, saved});
+    ctx->saved_data["qrange"] = std::vector<int64_t>{qmin, qmax, divide_back};
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<decltype(scaled_fake_quantize_backward)>(
+        "qatdist::scaled_fake_quantize_backward");
+    const auto saved = ctx->get_saved_variables();
+    const auto qrange = ctx->saved_data["qrange"].toIntVector();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [grad_w, grad_f] =
+        op.call(saved[0], saved[1], grads[0], saved[2], qrange[0], qrange[1], qrange[2] != 0);
+    variable_list out(13);
+    out[0] = grad_w;
+    out[1] = grad_f;
+    return out;
+  }
+};
+
+Tensor fake_quantize(const Tensor& x, const Tensor& observer_on, const Tensor& fake_quant_on,
+                     Tensor running_min, Tensor running_max, Tensor scale, Tensor zero_point,
+                     double averaging_constant, int64_t quant_min, int64_t quant_max,
+                     bool per_channel, bool symmetric) {
+  return FakeQuantize::apply(x, observer_on, fake_quant_on, running_min, running_max, scale,
+                             zero_point, averaging_constant, quant_min, quant_max, per_channel,
+                             symmetric);
+}
+
+Tensor scaled_fake_quantize(const Tensor& weight, const Tensor& factor, const Tensor& observer_on,
+                            const Tensor& fake_quant_on, Tensor running_min, Tensor running_max,
+                            Tensor scale, Tensor zero_point, double averaging_constant,
+                            int64_t quant_min, int64_t quant_max, bool symmetric,
+                            bool divide_back) {
+  return ScaledFakeQuantize::apply(weight, factor, observer_on, fake_quant_on, running_min,
+                                   running_max, scale, zero_point, averaging_constant, quant_min,
+                                   quant_max, symmetric, divide_back);
+}
+
 }  // namespace
 
+// Schemas only; the kernels are registered per dispatch key below, so that the ops have no
+// CompositeImplicitAutograd kernel and fake implementations can be registered for them.
 TORCH_LIBRARY(qatdist, m) {
-  m.def(
-      "fake_quantize(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, "
-      "Tensor(c!) scale, Tensor(d!) zero_point, float averaging_constant, int quant_min, "
-      "int quant_max, bool per_channel, bool symmetric, bool observe) -> Tensor",
-      &fake_quantize);
-  m.def(
-      "scaled_fake_quantize(Tensor weight, Tensor factor, Tensor(a!) running_min, "
+  // The module's flags are tensors, as the ATen op takes them: a traced graph reads them at run
+  // time rather than baking in the values they had when it was traced.
+  const std::string args =
+      "Tensor observer_enabled, Tensor fake_quant_enabled, Tensor(a!) running_min, "
       "Tensor(b!) running_max, Tensor(c!) scale, Tensor(d!) zero_point, "
-      "float averaging_constant, int quant_min, int quant_max, bool symmetric, bool observe, "
-      "bool divide_back) -> Tensor",
-      &scaled_fake_quantize);
+      "float averaging_constant, int quant_min, int quant_max, ";
+  const std::string plain = "Tensor x, " + args + "bool per_channel, bool symmetric)";
+  const std::string scaled =
+      "Tensor weight, Tensor factor, " + args + "bool symmetric, bool divide_back)";
+  m.def(("fake_quantize(" + plain + " -> Tensor").c_str());
+  m.def(("fake_quantize_forward(" + plain + " -> (Tensor, Tensor)").c_str());
   m.def(
-      "observe(Tensor x, Tensor(a!) running_min, Tensor(b!) running_max, Tensor(c!) scale, "
-      "Tensor(d!) zero_point, float averaging_constant, bool per_channel) -> ()",
-      &observe_only);
+      "fake_quantize_backward(Tensor x, Tensor grad, Tensor qparams, int quant_min, "
+      "int quant_max) -> Tensor");
+  m.def(("scaled_fake_quantize(" + scaled + " -> Tensor").c_str());
+  m.def(("scaled_fake_quantize_forward(" + scaled + " -> (Tensor, Tensor)").c_str());
+  m.def(
+      "scaled_fake_quantize_backward(Tensor weight, Tensor factor, Tensor grad, Tensor qparams, "
+      "int quant_min, int quant_max, bool divide_back) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(qatdist, CPU, m) {
+  m.impl("fake_quantize", &fake_quantize_cpu);
+  m.impl("fake_quantize_forward", &fake_quantize_forward);
+  m.impl("fake_quantize_backward", &fake_quantize_backward);
+  m.impl("scaled_fake_quantize", &scaled_fake_quantize_cpu);
+  m.impl("scaled_fake_quantize_forward", &scaled_fake_quantize_forward);
+  m.impl("scaled_fake_quantize_backward", &scaled_fake_quantize_backward);
+}
+
+TORCH_LIBRARY_IMPL(qatdist, Autograd, m) {
+  m.impl("fake_quantize", &fake_quantize);
+  m.impl("scaled_fake_quantize", &scaled_fake_quantize);
 }
