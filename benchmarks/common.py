@@ -13,6 +13,7 @@ from qatdist.config import Config, ModelConfig, QuantConfig
 from qatdist.optim import build_optimizer
 from qatdist.quant import QatModel
 from qatdist.step import train_step
+from qatdist.tasks.classification import Classification
 
 NUM_CLASSES = 10
 
@@ -55,9 +56,10 @@ def calibration_batches(n: int, batch_size: int, image_size: int, seed: int) -> 
 def bound_train_step(model: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], tuple]:
     """qatdist's `train_step` (forward, loss, backward, SGD step, LR step) bound to `model`,
     so the benchmark times exactly the code a training run executes."""
-    optimizer = build_optimizer(model.parameters(), Config())
+    cfg = Config()
+    optimizer = build_optimizer(model.parameters(), cfg.optim, lr=cfg.train.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return functools.partial(train_step, model, optimizer, scheduler)
+    return functools.partial(train_step, model, optimizer, scheduler, Classification(cfg.data))
 
 
 def calibrate(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:

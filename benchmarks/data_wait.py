@@ -16,6 +16,7 @@ from qatdist import config as qconfig
 from qatdist import data, topology
 from qatdist.data.demo import write_demo_shards
 from qatdist.distributed import DistEnv
+from qatdist.tasks.classification import Classification
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,7 @@ def _data_wait_worker(job: DataWaitJob, queue) -> None:
     step = bound_train_step(qat_model(job.model_name, job.seed, job.data_cfg.image_size).prepared)
     batches = data.train_batches(
         job.data_cfg,
+        Classification(job.data_cfg),
         batch_size=job.batch_size,
         steps=job.warmup + job.steps,
         rank=0,
@@ -57,7 +59,7 @@ def _data_wait_worker(job: DataWaitJob, queue) -> None:
         start = time.perf_counter()
         batch = next(it)
         got = time.perf_counter()
-        step(batch.images, batch.labels)
+        step(batch.images, batch.target)
         done = time.perf_counter()
         if i >= job.warmup:
             waits.append(got - start)

@@ -16,7 +16,8 @@ from benchmarks.common import (
 )
 from qatdist.quant import compile_for_inference
 from qatdist.quant.capture import make_call_sites_distinct
-from qatdist.tasks.evaluate import agreement_where_decided, side_by_side_latency_ms
+from qatdist.tasks.classification import agreement_where_decided
+from qatdist.tasks.evaluate import side_by_side_latency_ms
 
 
 def _hand_flow_prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:

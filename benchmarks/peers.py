@@ -71,7 +71,7 @@ from torch._inductor.utils import run_and_get_code
 
 from qatdist.config import QuantConfig
 from qatdist.finish import openvino_ir
-from qatdist.finish.finalize import aoti_package_source, build_aoti_package, export_int8
+from qatdist.finish.artifacts import aoti_package_source, build_aoti_package, export_int8
 from qatdist.quant import compile_for_inference
 from qatdist.quant.inspect import count_quantized_ops
 from qatdist.quant.ptq import post_training_int8, prepare_ptq

@@ -5,8 +5,8 @@ every rank calls the same methods: `end_step` reduces the log window's numbers o
 gathers each rank's CPU and memory, so it is a collective. The tag families (see
 docs/monitoring.md):
 
-- `train/`: loss, top-1 of the train batches (both averaged over the log window and the ranks),
-  learning rate.
+- `train/`: loss and the task's primary metric of the train batches (`train/<metric>`, named
+  as the task names it; both over the log window and the ranks), learning rate.
 - `perf/`: global images/s, step time, the fraction of it spent waiting for data (blocked in the
   loader's `next()`), gradient all-reduce time (a DDP comm hook times each bucket's all-reduce
   from launch to the completion of its future; the union of those intervals per step, so
@@ -37,21 +37,20 @@ from pathlib import Path
 import psutil
 import torch
 
-from qatdist.config import Config, LogConfig
+from qatdist.config import LogConfig
 from qatdist.distributed import all_gather_object, all_reduce_sum
 from qatdist.quant import inspect as quant_inspect
 from qatdist.quant import schedule
 from qatdist.run import report as reports
+from qatdist.tasks import Metric, Task
 
 log = logging.getLogger("qatdist")
 
 BAR_WIDTH = 30
-# Report keys written as `final/<key>` scalars when the report has them.
+# Baselines of the primary metric (`<baseline>_<metric>`) and report keys written as
+# `final/<key>` scalars when the report has them.
+FINAL_METRIC_BASELINES = ("fp32_fake_quant", "int8", "fp32", "ptq_int8")
 FINAL_SCALARS = (
-    "fp32_fake_quant_top1",
-    "int8_top1",
-    "fp32_top1",
-    "ptq_int8_top1",
     "int8_latency_ms",
     "fp32_latency_ms",
     "int8_speedup",
@@ -154,6 +153,7 @@ class Monitor:
         self,
         out_dir: Path,
         cfg: LogConfig,
+        task: Task,
         *,
         enabled: bool,
         total_steps: int,
@@ -161,7 +161,7 @@ class Monitor:
         global_batch_size: int = 1,
     ):
         self.enabled = enabled
-        self.cfg = cfg
+        self.cfg, self.task = cfg, task
         self.total_steps = total_steps
         self.log_every_steps = log_every_steps
         self.global_batch_size = global_batch_size
@@ -188,8 +188,7 @@ class Monitor:
     def _reset_window(self) -> None:
         self._w_steps = 0
         self._w_loss = 0.0
-        self._w_correct = 0
-        self._w_samples = 0
+        self._w_metric = self.task.new_metric()
         self._w_seconds = 0.0  # from asking the loader for a batch to the end of the step
         self._w_data_wait = 0.0
         self._w_allreduce = 0.0
@@ -218,12 +217,12 @@ class Monitor:
         step: int,
         epoch: int,
         loss: float,
-        correct: int,
-        samples: int,
+        metric: Metric,
         lr: float,
         model: torch.nn.Module,
     ) -> None:
-        """Account one finished optimizer step (`step` counts it) on every rank; at log steps
+        """Account one finished optimizer step (`step` counts it, `metric` holds its train
+        batch's metric) on every rank; at log steps
         reduce the window over ranks, gather CPU/memory, print progress and write scalars.
         Collective at log steps: every rank must call it."""
         now = time.perf_counter()
@@ -235,8 +234,7 @@ class Monitor:
         self._one_time_step = False
         self._w_steps += 1
         self._w_loss += loss
-        self._w_correct += correct
-        self._w_samples += samples
+        self._w_metric.merge(metric)
         self._w_allreduce += self.allreduce.take()
         if self.cfg.quant_every_steps > 0 and step % self.cfg.quant_every_steps == 0:
             self.quant_summary(model, step)
@@ -244,17 +242,19 @@ class Monitor:
             return
         start = time.perf_counter()
         n = self._w_steps
-        loss_means, correct, samples, data_wait, allreduce, seconds, world = all_reduce_sum(
+        totals = self._w_metric.totals
+        reduced = all_reduce_sum(
             [
                 self._w_loss / n,
-                self._w_correct,
-                self._w_samples,
                 self._w_data_wait,
                 self._w_allreduce,
                 self._w_seconds,
                 1.0,
+                *totals.tolist(),
             ]
         )
+        loss_means, data_wait, allreduce, seconds, world = reduced[:5]
+        self._w_metric.totals = torch.tensor(reduced[5:], dtype=totals.dtype)
         usage = all_gather_object(_rank_usage(self._process))
         seconds_per_rank = seconds / world
         step_s = seconds_per_rank / n if seconds_per_rank > 0 else 0.0
@@ -265,7 +265,8 @@ class Monitor:
         )
         if self.writer is not None:
             self.scalar("train/loss", mean_loss, step)
-            self.scalar("train/top1", correct / samples if samples else 0.0, step)
+            metric = self.task.metric
+            self.scalar(f"train/{metric}", self._w_metric.compute()[metric], step)
             self.scalar("train/lr", lr, step)
             self.scalar("perf/images_per_s", images_per_s, step)
             self.scalar("perf/step_seconds", step_s, step)
@@ -330,18 +331,19 @@ class Monitor:
 
     # --- the end --------------------------------------------------------------------------
 
-    def final(self, report: dict, cfg: Config) -> None:
+    def final(self, report: dict, hparams: dict[str, object]) -> None:
         """The baselines table and the accuracy budget's outcome on the console, the budget's
         sensitivity table as `final/sensitivity` text; final latencies, speedup and accuracies
         (and the baselines when measured) as `final/` scalars, the monitor's own time as a fraction
         of the training loop's, and the run's hyperparameters with those metrics (hparams
-        plugin)."""
+        plugin: `hparams`, the run's settings the trainer picks)."""
         rows = reports.baseline_rows(report)
         if self.enabled and rows:
             self._end_bar()
             width = max(len(label) for label, _ in rows)
             lines = [f"  {label:<{width}}  {value}" for label, value in rows]
-            print("\n".join(["baselines (top-1 on the validation shards):", *lines]), flush=True)
+            title = f"baselines ({reports.metric_label(report)} on the validation shards):"
+            print("\n".join([title, *lines]), flush=True)
         if self.enabled and reports.budget_sentence(report):
             print(reports.budget_sentence(report), flush=True)
         if self.writer is None:
@@ -349,7 +351,13 @@ class Monitor:
         if reports.sensitivity_markdown(report):
             self.text("final/sensitivity", reports.sensitivity_markdown(report))
         step = reports.field(report, "steps")
+        metric = reports.primary_metric(report)
         metrics = {
+            f"final/{reports.metric_key(baseline, metric)}": float(value)
+            for baseline in FINAL_METRIC_BASELINES
+            if (value := reports.metric_field(report, baseline)) is not None
+        }
+        metrics |= {
             f"final/{key}": float(reports.field(report, key))
             for key in FINAL_SCALARS
             if reports.field(report, key) is not None
@@ -358,22 +366,6 @@ class Monitor:
             metrics["final/monitor_overhead_fraction"] = self.seconds / self.loop_seconds
         for tag, value in metrics.items():
             self.scalar(tag, value, step)
-        hparams = {
-            "model": cfg.model.name,
-            "world_size": reports.field(report, "world_size"),
-            "global_batch_size": reports.field(report, "global_batch_size"),
-            "batch_size": cfg.train.batch_size,
-            "epochs": cfg.train.epochs,
-            "lr": cfg.train.lr,
-            "optimizer": cfg.optim.name,
-            "warmup_steps": cfg.optim.warmup_steps,
-            "weight_decay": cfg.optim.weight_decay,
-            "image_size": cfg.data.image_size,
-            "fake_quant_start_step": cfg.quant.fake_quant_start_step,
-            "observer_freeze_step": cfg.quant.observer_freeze_step,
-            "bn_freeze_step": cfg.quant.bn_freeze_step,
-            "sync_every_steps": cfg.quant.sync_every_steps,
-        }
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         # Into this run's own event file (SummaryWriter.add_hparams would start a sub-run), so

@@ -8,35 +8,39 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
-from qatdist.config import Config
+from qatdist.config import ModelConfig
 from qatdist.models import build_fp32
 from qatdist.models.weights import WeightsSource, load_weights
+from qatdist.tasks.base import Outputs, Target, Task
 
 
 def build_teacher(
-    cfg: Config, fp32_model: torch.nn.Module
+    model_cfg: ModelConfig,
+    teacher_weights: str,
+    fp32_model: torch.nn.Module,
+    *,
+    num_classes: int,
+    image_size: int,
 ) -> tuple[torch.nn.Module, WeightsSource | None]:
     """The distillation teacher and where its weights came from: `fp32_model` (the model as
-    built, with model.weights; None) or, with train.distill_teacher_weights, the model.name
-    architecture with those weights, e.g. an fp32 fine-tuning of the model on the same data: a
-    teacher that already knows the data rather than the student's own starting point."""
-    path = cfg.train.distill_teacher_weights
-    if not path:
+    built, with model.weights; None) or, with `teacher_weights` (train.distill_teacher_weights),
+    the model.name architecture with those weights, e.g. an fp32 fine-tuning of the model on the
+    same data: a teacher that already knows the data rather than the student's own starting
+    point."""
+    if not teacher_weights:
         return fp32_model, None
     teacher, _ = build_fp32(
-        dataclasses.replace(cfg.model, weights=""),
-        cfg.data.num_classes,
-        image_size=cfg.data.image_size,
+        dataclasses.replace(model_cfg, weights=""), num_classes, image_size=image_size
     )
-    return teacher, load_weights(teacher, path, "train.distill_teacher_weights")
+    return teacher, load_weights(teacher, teacher_weights, "train.distill_teacher_weights")
 
 
 class Distillation:
     """Knowledge distillation from a frozen fp32 teacher (`train.distill_weight`,
-    `train.distill_temperature`): loss = (1 - w) * cross-entropy + w * T^2 * KL(teacher/T ||
-    student/T), Hinton's form (the T^2 keeps the gradient scale independent of T).
+    `train.distill_temperature`): loss = (1 - w) * task loss + w * T^2 * the task's
+    `distill_loss` at temperature T (Hinton's form: the T^2 keeps the gradient scale
+    independent of T).
 
     The teacher is put in eval mode with every parameter frozen: it runs under `no_grad`, gets
     no gradient and is never given to an optimizer. `seconds` adds up its forward time.
@@ -51,49 +55,51 @@ class Distillation:
         self.seconds = 0.0
 
     def loss(
-        self, logits: torch.Tensor, images: torch.Tensor, cross_entropy: torch.Tensor
+        self, task: Task, outputs: Outputs, inputs: torch.Tensor, task_loss: torch.Tensor
     ) -> torch.Tensor:
-        """The blended loss for the student's `logits` on `images`."""
+        """The blended loss for the student's `outputs` on `inputs`."""
         start = time.perf_counter()
         with torch.no_grad():
-            teacher_logits = self.teacher(images)
+            teacher_outputs = self.teacher(inputs)
         self.seconds += time.perf_counter() - start
         t = self.temperature
-        kl = F.kl_div(
-            F.log_softmax(logits / t, dim=1),
-            F.log_softmax(teacher_logits / t, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        return (1 - self.weight) * cross_entropy + self.weight * t * t * kl
+        divergence = task.distill_loss(outputs, teacher_outputs, t)
+        return (1 - self.weight) * task_loss + self.weight * t * t * divergence
+
+
+def detached(outputs: Outputs) -> Outputs:
+    """`outputs` (a tensor or a dict of them) cut from the autograd graph."""
+    if isinstance(outputs, dict):
+        return {key: detached(value) for key, value in outputs.items()}
+    return outputs.detach() if torch.is_tensor(outputs) else outputs
 
 
 def train_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    task: Task,
+    inputs: torch.Tensor,
+    target: Target,
     *,
     distillation: Distillation | None = None,
     may_update: Callable[[float], bool] | None = None,
-) -> tuple[float, int]:
-    """Forward, loss, backward, optimizer step and LR step on one batch. Returns the batch's
-    loss and its count of correct top-1 predictions.
+) -> tuple[float, Outputs]:
+    """Forward (`task.train_forward`), the task's loss, backward, optimizer step and LR step on
+    one batch. Returns the batch's loss and the model's outputs, detached (for a train metric).
 
     `distillation` adds the teacher's term to the loss. `may_update(loss)` is asked after the
     backward whether to apply the update (the non-finite guard); when it says no, the optimizer
     step is skipped but the LR schedule still advances, so it stays aligned with the step count.
     """
-    logits = model(images)
-    loss = F.cross_entropy(logits, labels)
+    outputs = task.train_forward(model, inputs, target)
+    loss = task.loss(outputs, target)
     if distillation is not None:
-        loss = distillation.loss(logits, images, loss)
-    correct = int((logits.detach().argmax(dim=1) == labels).sum())
+        loss = distillation.loss(task, outputs, inputs, loss)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     loss_value = loss.item()
     if may_update is None or may_update(loss_value):
         optimizer.step()
     scheduler.step()
-    return loss_value, correct
+    return loss_value, detached(outputs)

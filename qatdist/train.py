@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     from qatdist.monitor import setup_logging
     from qatdist.run.checkpoint import CheckpointError, find_complete
     from qatdist.run.folder import RunFolder
+    from qatdist.tasks import build_task
     from qatdist.topology import place_this_rank
     from qatdist.trainer import Trainer
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer
         data.check_shards(cfg.data, env.world_size)
         transforms.check_transform(cfg.data)  # a bad data.transform stops here
+        build_task(cfg.task, cfg.data)  # a user task that cannot load stops here
         if cfg.checkpoint.resume_from:  # an unusable folder stops here, before any set-up
             try:
                 find_complete(RunFolder(cfg.run.out_dir).checkpoints, cfg.checkpoint.resume_from)

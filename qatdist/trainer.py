@@ -38,9 +38,10 @@ from qatdist.run.checkpoint import (
     restore_rng_state,
 )
 from qatdist.run.folder import RunFolder
-from qatdist.run.report import report_fields
+from qatdist.run.report import metric_field, metric_key, metric_label, report_fields
 from qatdist.step import Distillation, build_teacher, train_step
-from qatdist.tasks.evaluate import count_correct, distributed_top1
+from qatdist.tasks import build_task
+from qatdist.tasks.evaluate import evaluate
 
 
 class Trainer:
@@ -58,12 +59,15 @@ class Trainer:
         self.placement = placement
         self.network = network  # topology.gloo_network(): what this rank's gloo binds to
         self.loader_cpus = placement.placement.loader_cpus if placement.pinning else None
+        self.task = build_task(cfg.task, cfg.data)
         # CPU preflight: recorded in topology.json; rank 0 warns when int8 has no fast path.
         self.cpu_int8_capabilities = topology.cpu_int8_preflight() if env.is_rank0 else None
 
         global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = cfg.train.steps_per_epoch or (
-            data.count_samples(cfg.data.train_shards, allow_pipe=cfg.data.allow_pipe)
+            data.count_samples(
+                cfg.data.train_shards, self.task.sample_extensions, allow_pipe=cfg.data.allow_pipe
+            )
             // global_batch
         )
         if self.steps_per_epoch < 1:
@@ -93,6 +97,7 @@ class Trainer:
         self.monitor = Monitor(
             self.run.root,
             cfg.log,
+            self.task,
             enabled=env.is_rank0,
             total_steps=self.total_steps,
             log_every_steps=cfg.train.log_every_steps,
@@ -103,23 +108,51 @@ class Trainer:
             cfg.runtime.grad_compression,
             on_allreduce=self.monitor.allreduce.record,
         )
-        self.optimizer = build_optimizer(self.qat.parameters(), cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.optimizer = build_optimizer(self.qat.parameters(), cfg.optim, lr=cfg.train.lr)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total_steps)
         self.guard = NonFiniteGuard(cfg.train.on_nonfinite, cfg.train.max_nonfinite_steps)
         self.distillation, self.teacher_source = None, None
         if cfg.train.distill_weight > 0:
-            teacher, self.teacher_source = build_teacher(cfg, self.qat.fp32_model)
+            teacher, self.teacher_source = build_teacher(
+                cfg.model,
+                cfg.train.distill_teacher_weights,
+                self.qat.fp32_model,
+                num_classes=cfg.data.num_classes,
+                image_size=cfg.data.image_size,
+            )
             self.distillation = Distillation(
                 teacher, cfg.train.distill_weight, cfg.train.distill_temperature
             )
+        # Every validation sample in one process: the final measures and the accuracy budget.
+        self.full_val_batches = data.full_val_batches(cfg.data, self.task)
         self.baselines = Baselines(
-            cfg, env, lambda: self._val_batches(cfg.runtime.latency_batch_size)
+            self.task,
+            cfg.quant,
+            env,
+            val_batches=lambda: self._val_batches(cfg.runtime.latency_batch_size),
+            # not the training order's seed: other images
+            calibration_batches=lambda steps: self._train_batches(steps, seed=cfg.train.seed + 1),
+            image_size=cfg.data.image_size,
+            fine_tuning=bool(cfg.model.weights),
+        )
+        self.budget = AccuracyBudget(
+            self.task,
+            cfg.quant,
+            env,
+            val_batches=self.full_val_batches,
+            train_batches=lambda steps, seed: self._train_batches(steps, seed=seed),
+            optim_cfg=cfg.optim,
+            peak_lr=cfg.train.lr,
+            grad_compression=cfg.runtime.grad_compression,
+            image_size=cfg.data.image_size,
+            batch_size=cfg.runtime.latency_batch_size,
+            latency_iters=cfg.runtime.latency_iters,
+            compiled=cfg.runtime.compile_final,
         )
         self.step = 0
         self.sync_seconds = 0.0
         self.first_sync_since_step: tuple[int, SyncStats] | None = None
         self.train_seconds = 0.0
-        self.last_correct = 0  # top-1 correct count of the last train batch (for the monitor)
         self.history: list[dict] = []
         self.skipped_samples = 0  # bad samples this rank skipped (data.on_error='skip')
         self.resumed_from_step: int | None = None
@@ -231,12 +264,8 @@ class Trainer:
         cfg = self.cfg
         start_epoch = self.step // self.steps_per_epoch
         for epoch in range(start_epoch, cfg.train.epochs):
-            batches = data.train_batches(
-                cfg.data,
-                batch_size=cfg.train.batch_size,
-                steps=self.steps_per_epoch,
-                rank=self.env.rank,
-                world_size=self.env.world_size,
+            batches = self._train_batches(
+                self.steps_per_epoch,
                 seed=cfg.train.seed,
                 epoch=epoch,
                 start_step=self.step - epoch * self.steps_per_epoch,
@@ -255,16 +284,19 @@ class Trainer:
             self._advance_phase()
             self.guard.before_step(self.qat.prepared)
             step_start = time.perf_counter()
-            loss, self.last_correct = train_step(
+            loss, outputs = train_step(
                 self.ddp,
                 self.optimizer,
                 self.scheduler,
+                self.task,
                 batch.images,
-                batch.labels,
+                batch.target,
                 distillation=self.distillation,
                 may_update=self._may_update,
             )
             self.train_seconds += time.perf_counter() - step_start
+            train_metric = self.task.new_metric()
+            train_metric.update(outputs, batch.target)
             self.step += 1
             self.skipped_samples += batch.skipped
             every = self.cfg.checkpoint.every_steps
@@ -276,8 +308,7 @@ class Trainer:
                 step=self.step,
                 epoch=epoch,
                 loss=loss,
-                correct=self.last_correct,
-                samples=len(batch.labels),
+                metric=train_metric,
                 lr=self.scheduler.get_last_lr()[0],
                 model=self.qat.prepared,
             )
@@ -318,32 +349,61 @@ class Trainer:
 
     # --- evaluation ---------------------------------------------------------------------
 
+    def _train_batches(
+        self,
+        steps: int,
+        *,
+        seed: int,
+        epoch: int = 0,
+        start_step: int = 0,
+        worker_init_fn=None,
+    ):
+        """This rank's train batches of the task (`data.train_batches`)."""
+        return data.train_batches(
+            self.cfg.data,
+            self.task,
+            batch_size=self.cfg.train.batch_size,
+            steps=steps,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+            worker_init_fn=worker_init_fn,
+        )
+
     def _val_batches(self, batch_size: int):
+        """This rank's share of the validation set."""
         return data.val_batches(
             self.cfg.data,
+            self.task,
             batch_size=batch_size,
             rank=self.env.rank,
             world_size=self.env.world_size,
         )
 
+    def _primary(self, forward) -> float:
+        """The task's primary metric of `forward` over every rank's val share (collective)."""
+        batches = self._val_batches(self.cfg.runtime.latency_batch_size)
+        return evaluate(self.task, forward, batches)[self.task.metric]
+
     def evaluate(self, epoch: int | None = None) -> dict:
-        """Top-1 of the fake-quant model (eval mode) and of a converted int8 copy, split over
-        ranks. Observers are paused and RNG states restored: training continues unchanged."""
+        """The task's primary metric of the fake-quant model (eval mode) and of a converted
+        int8 copy, split over ranks (`fake_quant_<metric>`, `int8_<metric>`). Observers are
+        paused and RNG states restored: training continues unchanged."""
         self.sync()
-        batch_size = self.cfg.runtime.latency_batch_size
+        metric = self.task.metric
         with self.qat.evaluating() as model:
-            fq_top1 = distributed_top1(*count_correct(model, self._val_batches(batch_size)))
-            int8_top1 = distributed_top1(
-                *count_correct(self.qat.to_int8(), self._val_batches(batch_size))
-            )
-        result = {"step": self.step, "fake_quant_top1": fq_top1, "int8_top1": int8_top1}
+            fake_quant = self._primary(model)
+            int8 = self._primary(self.qat.to_int8())
+        result = {"step": self.step, f"fake_quant_{metric}": fake_quant, f"int8_{metric}": int8}
         if epoch is not None:
             result["epoch"] = epoch
         self.history.append(result)
-        self.monitor.scalar("eval/fake_quant_top1", fq_top1, self.step)
-        self.monitor.scalar("eval/int8_top1", int8_top1, self.step)
+        self.monitor.scalar(f"eval/fake_quant_{metric}", fake_quant, self.step)
+        self.monitor.scalar(f"eval/int8_{metric}", int8, self.step)
         self.monitor.info(
-            f"eval at step {self.step}: fake-quant {fq_top1:.4f} int8 {int8_top1:.4f}"
+            f"eval at step {self.step}: {metric} fake-quant {fake_quant:.4f} int8 {int8:.4f}"
         )
         return result
 
@@ -356,19 +416,21 @@ class Trainer:
             self.sync()
         baselines = self.baselines.at_end(self.qat, self.step)
         # The model finalize converts: the trained one, or with layers in fp32 for the budget.
-        final, budget_fields = AccuracyBudget(self.cfg, self.env).apply(
-            self.qat, baselines.get("fp32_top1"), finetune_lr=self.scheduler.get_last_lr()[0]
+        final, budget_fields = self.budget.apply(
+            self.qat,
+            baselines.get(metric_key("fp32", self.task.metric)),
+            finetune_lr=self.scheduler.get_last_lr()[0],
+            seed=self.cfg.train.seed,
         )
         # Eval mode and paused observers through the state hashes, conversion and measures.
         with final.evaluating() as model:
-            batches = self._val_batches(self.cfg.runtime.latency_batch_size)
-            fq_top1 = distributed_top1(*count_correct(model, batches))
-            report = self._training_report(fq_top1, baselines) | budget_fields
+            fake_quant = self._primary(model)
+            report = self._training_report(fake_quant, baselines) | budget_fields
             if not self.env.is_rank0:
                 return None
             return self._finalize(report, final, model)
 
-    def _training_report(self, fq_top1: float, baselines: dict[str, float]) -> dict:
+    def _training_report(self, fake_quant: float, baselines: dict[str, float]) -> dict:
         """The report fields only training knows (collective: gathers every rank's state hash,
         step count and skipped samples and steps)."""
         cfg, final_sync = self.cfg, self.first_sync_since_step[1]
@@ -380,8 +442,12 @@ class Trainer:
         # Steps trained by this process: a resumed run timed only those.
         trained = (self.step - (self.resumed_from_step or 0)) * global_batch
         source = self.qat.weights_source
+        metric = self.task.metric
         return report_fields(
             model=cfg.model.name,
+            task=self.task.name,
+            metric=metric,
+            higher_is_better=self.task.higher_is_better,
             weights_source=dataclasses.asdict(source) if source else None,
             training_only_ops=self.qat.training_only_ops,
             world_size=self.env.world_size,
@@ -390,7 +456,7 @@ class Trainer:
             epochs=cfg.train.epochs,
             train_images_per_s=trained / self.train_seconds if self.train_seconds else 0.0,
             train_images=trained,
-            fp32_fake_quant_top1=fq_top1,
+            **{metric_key("fp32_fake_quant", metric): fake_quant},
             fake_quant_op=fake_quant_op(self.qat.prepared),
             **baselines,
             observer_sync_max_divergence_before=final_sync.max_divergence_before,
@@ -429,7 +495,8 @@ class Trainer:
         report = finalize(
             eval_model,
             final.fp32_model,
-            lambda bs: data.val_batches(cfg.data, batch_size=bs, rank=0, world_size=1),
+            self.task,
+            self.full_val_batches,
             image_size=cfg.data.image_size,
             batch_sizes=[r.latency_batch_size],
             latency_iters=r.latency_iters,
@@ -441,14 +508,37 @@ class Trainer:
             require_full_quantization=r.require_full_quantization,
             eval_mismatch=final.eval_mismatch,
         )
-        self.monitor.final(report, cfg)
+        self.monitor.final(report, self._hparams(report))
+        metric = metric_label(report)
+        fake_quant, int8 = (metric_field(report, b) for b in ("fp32_fake_quant", "int8"))
         self.monitor.info(
-            f"done: fake-quant top-1 {report['fp32_fake_quant_top1']:.4f}, int8 top-1 "
-            f"{report['int8_top1']:.4f}, int8 {report['int8_latency_ms']:.2f} ms vs fp32 "
+            f"done: fake-quant {metric} {fake_quant:.4f}, int8 {metric} "
+            f"{int8:.4f}, int8 {report['int8_latency_ms']:.2f} ms vs fp32 "
             f"{report['fp32_latency_ms']:.2f} ms (x{report['int8_speedup']:.2f}) -> "
             f"{self.run.final}"
         )
         return report
+
+    def _hparams(self, report: dict) -> dict[str, object]:
+        """The run's settings shown beside its final metrics in TensorBoard's hparams plugin."""
+        cfg = self.cfg
+        return {
+            "model": cfg.model.name,
+            "task": self.task.name,
+            "world_size": report["world_size"],
+            "global_batch_size": report["global_batch_size"],
+            "batch_size": cfg.train.batch_size,
+            "epochs": cfg.train.epochs,
+            "lr": cfg.train.lr,
+            "optimizer": cfg.optim.name,
+            "warmup_steps": cfg.optim.warmup_steps,
+            "weight_decay": cfg.optim.weight_decay,
+            "image_size": cfg.data.image_size,
+            "fake_quant_start_step": cfg.quant.fake_quant_start_step,
+            "observer_freeze_step": cfg.quant.observer_freeze_step,
+            "bn_freeze_step": cfg.quant.bn_freeze_step,
+            "sync_every_steps": cfg.quant.sync_every_steps,
+        }
 
     def close(self) -> None:
         self.monitor.close()

@@ -173,10 +173,12 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
     from qatdist.quant import QatModel, capture, compile_for_inference
     from qatdist.quant.inspect import constant_layers, count_quantized_ops
     from qatdist.step import train_step
-    from qatdist.tasks.evaluate import DecidedAgreement, pad_batch, side_by_side_latency_ms
+    from qatdist.tasks.classification import Classification
+    from qatdist.tasks.evaluate import pad_batch, side_by_side_latency_ms
 
     size, batch = row["image_size"], args.batch_size
     data = _demo_data(json.loads(args.shards), size)
+    task = Classification(data)
     quant_cfg = QuantConfig()  # fake quant on from step 0, as the default schedule
     with stage("build"):
         fp32 = build_fp32(name, size)
@@ -191,13 +193,14 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
     with stage("prepare"):
         model = QatModel.from_captured(fp32, graph, quant_cfg)
     with stage("train"):
-        optimizer = build_optimizer(model.parameters(), Config())
+        cfg = Config()
+        optimizer = build_optimizer(model.parameters(), cfg.optim, lr=cfg.train.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
         batches = train_batches(
-            data, batch_size=batch, steps=args.steps, rank=0, world_size=1, seed=0, epoch=0
+            data, task, batch_size=batch, steps=args.steps, rank=0, world_size=1, seed=0, epoch=0
         )
         for images, labels, _ in batches:
-            loss, _ = train_step(model.prepared, optimizer, scheduler, images, labels)
+            loss, _ = train_step(model.prepared, optimizer, scheduler, task, images, labels)
         row["last_loss"] = round(loss, 4)
         # Gradients and momentum are two fp32 copies of the weights: gone before the convert
         # and compiles, so that the largest models fit (see PARAM_COPIES_AT_PEAK).
@@ -231,15 +234,13 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
         )
         row["fp32_ms"], row["int8_ms"] = round(ms["fp32"], 3), round(ms["int8"], 3)
         row["speedup"] = round(ms["fp32"] / ms["int8"], 3)
-        meter, largest = DecidedAgreement(), 0.0
-        for images, _, _ in val_batches(data, batch_size=batch, rank=0, world_size=1):
+        meter = task.new_agreement()
+        for images, _, _ in val_batches(data, task, batch_size=batch, rank=0, world_size=1):
             n, padded = images.shape[0], pad_batch(images, batch)
-            reference = int8(padded)[:n]
-            meter.update(reference, int8_compiled(padded)[:n])
-            largest = max(largest, float(reference.abs().max()))
-        row["agree"], row["comparable"] = meter.result()
-        row["max_logit_diff"] = round(meter.max_abs_logit_diff, 5)
-        row["max_abs_logit"] = round(largest, 5)  # the scale the difference is judged against
+            meter.update(int8(padded)[:n], int8_compiled(padded)[:n])
+        row["agree"], row["comparable"] = meter.counts()
+        row["max_logit_diff"] = round(meter.max_abs_diff, 5)
+        row["max_abs_logit"] = round(meter.output_scale, 5)  # the scale the diff is judged by
 
 
 def child_main(args: argparse.Namespace) -> int:

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from qatdist.finish.export import ExportError, export_run  # heavy imports after argument checks
+    from qatdist.run import report as reports
     from qatdist.run.folder import RunFolder
 
     try:
@@ -134,9 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         for key, label in (("aoti", "AOTI"), ("openvino", "OpenVINO"))
         if key in args.formats
     ]
+    metric = reports.metric_label(report)
+    int8, fake_quant = (reports.metric_field(report, b) for b in ("int8", "fp32_fake_quant"))
     print(
-        f"{report['model']} step {report['steps']}: int8 top-1 {report['int8_top1']:.4f} "
-        f"(fake-quant {report['fp32_fake_quant_top1']:.4f})"
+        f"{report['model']} step {report['steps']}: int8 {metric} {int8:.4f} "
+        f"(fake-quant {fake_quant:.4f})"
         + "".join(f", {a}" for a in artifacts)
         + "; "
         + (f"kept in fp32 for the accuracy budget: {', '.join(fallback)}; " if fallback else "")

@@ -1,4 +1,4 @@
-"""Accuracy budget search (issue 15): a model with one quantization-hostile layer misses the
+"""Accuracy budget search: a model with one quantization-hostile layer misses the
 budget in full int8; the search ranks that layer first, keeps it in fp32 and meets the budget,
 on one rank and split over 2 real gloo ranks.
 
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchao.quantization.pt2e.fake_quantize import disable_fake_quant, enable_fake_quant
 
-from qatdist.config import QuantConfig
+from qatdist.config import DataConfig, OptimConfig, QuantConfig
 from qatdist.quant.accuracy import (
     BudgetResult,
     SensitivityRow,
-    full_val_top1,
+    full_val_score,
     greedy_order,
     meet_accuracy_budget,
 )
@@ -37,6 +37,7 @@ from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.layer_error import layer_sqnr_db, make_rebuilder, quantized_layer_taps
 from qatdist.quant.prepare import prepare_qat
+from qatdist.tasks.classification import Classification
 
 CLASSES, SIZE, SPIKE = 4, 16, 1e4
 LAYERS = ["conv1", "conv2", "conv3", "fc"]
@@ -127,7 +128,7 @@ def setup(state: dict, hostile: tuple[str, ...], **quant) -> dict:
         "prepared": prepared,
         "quant_cfg": cfg,
         "rebuild": make_rebuilder(model, example, cfg),
-        "evaluate": full_val_top1(lambda: val),
+        "evaluate": full_val_score(Classification(DataConfig(num_classes=CLASSES)), lambda: val),
         "calibration_batches": [x for x, _ in val[:2]],
         "latency_cost": lambda candidate, baseline: 0.25,  # no Inductor compile in tests
     }
@@ -141,32 +142,30 @@ def one_hostile_state():
 def test_full_int8_misses_budget_and_search_keeps_hostile_layer_in_float(one_hostile_state):
     inputs = setup(one_hostile_state, ("conv2",), sensitivity_candidates=2)
     result = meet_accuracy_budget(**inputs)
-    assert result.fp32_top1 > 0.9, "the float model must be clearly accurate"
-    assert result.fp32_top1 - result.initial_int8_top1 > 0.3, "full int8 must miss the budget"
+    assert result.fp32_score > 0.9, "the float model must be clearly accurate"
+    assert result.fp32_score - result.initial_int8_score > 0.3, "full int8 must miss the budget"
     assert [row.layer for row in result.sensitivity][0] == "conv2"
     assert sorted(row.layer for row in result.sensitivity) == LAYERS
     assert result.accuracy_budget_met
     assert result.fp32_fallback_layers == ["conv2"]
-    assert result.fp32_top1 - result.int8_top1 <= 0.05
+    assert result.fp32_score - result.int8_score <= 0.05
     assert result.candidates_evaluated_per_rank == [2]
-    measured = [r for r in result.sensitivity if r.top1_gain_when_float is not None]
+    measured = [r for r in result.sensitivity if r.gain_when_float is not None]
     assert len(measured) == 2 and all(r.latency_cost_ms == 0.25 for r in measured)
-    gain = {r.layer: r.top1_gain_when_float for r in measured}
+    gain = {r.layer: r.gain_when_float for r in measured}
     assert gain["conv2"] == max(gain.values()) and gain["conv2"] > 0.3
     # the returned model is the one measured: conv2 is no longer quantized, others still are
     int8 = convert_to_int8(result.model)
-    assert inputs["evaluate"](int8) == result.int8_top1
+    assert inputs["evaluate"](int8) == result.int8_score
     assert set(layer_sqnr_db(result.model, inputs["calibration_batches"])) == set(LAYERS) - {
         "conv2"
     }
-    report = result.to_report()
+    report = result.to_report("top1")
     assert set(report) == {
         "accuracy_budget",
         "accuracy_budget_met",
         "fp32_fallback_layers",
         "sensitivity",
-        "int8_top1",
-        "fp32_top1",
         "candidates_evaluated_per_rank",
     }
     assert set(report["sensitivity"][0]) == {
@@ -231,8 +230,8 @@ def test_unmeetable_budget_ends_with_best_model_found():
         finetune=lambda model, steps: calls.append(steps),
     )
     assert not result.accuracy_budget_met
-    assert result.int8_top1 >= result.initial_int8_top1
-    assert result.fp32_top1 - result.int8_top1 > 0.05
+    assert result.int8_score >= result.initial_int8_score
+    assert result.fp32_score - result.int8_score > 0.05
     assert isinstance(result.model, torch.fx.GraphModule)
     assert calls == [2]  # fine-tuned once, after its one change
     both = meet_accuracy_budget(**setup(state, ("conv2", "conv3"), sensitivity_candidates=2))
@@ -271,7 +270,7 @@ def _worker(rank: int, port: int, tmp: str, state: dict) -> None:
             **setup(state, ("conv2",), sensitivity_candidates=2)
         )
         with open(f"{tmp}/rank{rank}.json", "w") as f:
-            json.dump(result.to_report(), f)
+            json.dump(result.to_report("top1"), f)
     finally:
         dist.destroy_process_group()
 
@@ -316,9 +315,9 @@ def _pretrained_hostile(shards: dict[str, str], factory: str = "hostile_cnn") ->
         num_workers=0,
     )
     batches = [
-        (b.images, b.labels)
+        (b.images, b.target)
         for b in data.train_batches(
-            cfg, batch_size=16, steps=10, rank=0, world_size=1, seed=0, epoch=0
+            cfg, Classification(cfg), batch_size=16, steps=10, rank=0, world_size=1, seed=0, epoch=0
         )
     ]
     torch.manual_seed(0)
@@ -414,7 +413,7 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
     """AccuracyBudget (the trainer's side) on one gloo rank: two hostile layers, one candidate
     measured, budget 0. The budget is not met, the returned model keeps the best layer found in
     fp32 (after one fine-tuning step), and a warning says so."""
-    from qatdist.config import Config, DataConfig, RuntimeConfig
+    from qatdist import data
     from qatdist.distributed import DistEnv
     from qatdist.finish.accuracy_budget import AccuracyBudget
     from qatdist.quant import QatModel
@@ -428,10 +427,22 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
         num_workers=0,
     )
     quant = QuantConfig(max_accuracy_drop=0.0, sensitivity_candidates=1, fallback_finetune_steps=1)
-    cfg = Config(
-        data=data_cfg,
-        quant=quant,
-        runtime=RuntimeConfig(compile_final=False, latency_batch_size=8),
+    task = Classification(data_cfg)
+    budget = AccuracyBudget(
+        task,
+        quant,
+        DistEnv(0, 1, 0, 1, 0),
+        val_batches=data.full_val_batches(data_cfg, task),
+        train_batches=lambda steps, seed: data.train_batches(
+            data_cfg, task, batch_size=32, steps=steps, rank=0, world_size=1, seed=seed, epoch=0
+        ),
+        optim_cfg=OptimConfig(),
+        peak_lr=0.05,
+        grad_compression="none",
+        image_size=32,
+        batch_size=8,
+        latency_iters=3,
+        compiled=False,
     )
     qat = QatModel.from_fp32(model, quant, image_size=32)
     with torch.no_grad():  # observers calibrated on a few batches, as a short QAT would
@@ -440,9 +451,7 @@ def test_unmeetable_budget_ends_with_the_best_model_and_a_warning(tiny_shards, t
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         with caplog.at_level("WARNING", logger="qatdist"):
-            final, fields = AccuracyBudget(cfg, DistEnv(0, 1, 0, 1, 0)).apply(
-                qat, None, finetune_lr=0.001
-            )
+            final, fields = budget.apply(qat, None, finetune_lr=0.001, seed=0)
     finally:
         dist.destroy_process_group()
     assert fields["accuracy_budget"] == 0.0 and fields["accuracy_budget_met"] is False

@@ -18,6 +18,7 @@ from PIL import Image
 from qatdist import config, data
 from qatdist.config import ConfigError, DataConfig
 from qatdist.data import DataError, demo
+from qatdist.tasks.classification import Classification
 
 SIZE = 16
 # Labels are unique sample ids so that a batch's labels say exactly which samples it holds.
@@ -75,13 +76,15 @@ def make_cfg(train: str, val: str = "", **kw) -> DataConfig:
 
 def run(cfg: DataConfig, rank: int = 0, world_size: int = 1, **kw) -> list[data.Batch]:
     args = {"batch_size": 4, "steps": 10, "seed": 3, "epoch": 0} | kw
-    return list(data.train_batches(cfg, rank=rank, world_size=world_size, **args))
+    return list(
+        data.train_batches(cfg, Classification(cfg), rank=rank, world_size=world_size, **args)
+    )
 
 
 def assert_same(a: list[data.Batch], b: list[data.Batch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.images, y.images) and torch.equal(x.target, y.target)
         assert x.skipped == y.skipped
 
 
@@ -91,10 +94,10 @@ def uneven(tmp_path: Path) -> str:
 
 
 def test_count_samples_brace_and_glob(uneven: str, tmp_path: Path) -> None:
-    assert data.count_samples(uneven) == 60
-    assert data.count_samples(str(tmp_path / "train-*.tar")) == 60
+    assert data.count_samples(uneven, ("cls",)) == 60
+    assert data.count_samples(str(tmp_path / "train-*.tar"), ("cls",)) == 60
     with pytest.raises(ConfigError, match="matches no shard files"):
-        data.count_samples(str(tmp_path / "nothing-*.tar"))
+        data.count_samples(str(tmp_path / "nothing-*.tar"), ("cls",))
 
 
 def test_exact_batches_on_every_rank_for_uneven_shards(uneven: str) -> None:
@@ -104,9 +107,9 @@ def test_exact_batches_on_every_rank_for_uneven_shards(uneven: str) -> None:
         assert len(batches) == 9
         for b in batches:
             assert b.images.shape == (8, 3, SIZE, SIZE) and b.images.dtype == torch.float32
-            assert b.images.is_contiguous() and b.labels.dtype == torch.int64
+            assert b.images.is_contiguous() and b.target.dtype == torch.int64
             assert b.skipped == 0
-    ids = [set(torch.cat([b.labels for b in batches]).tolist()) for batches in per_rank]
+    ids = [set(torch.cat([b.target for b in batches]).tolist()) for batches in per_rank]
     assert not ids[0] & ids[1], "ranks must read disjoint shards"
     assert ids[0] | ids[1] <= set(range(60))
     # The rank holding fewer samples than 9 * 8 cycled over its shards.
@@ -116,7 +119,18 @@ def test_exact_batches_on_every_rank_for_uneven_shards(uneven: str) -> None:
 def test_train_batches_length_and_zero_steps(uneven: str) -> None:
     cfg = make_cfg(uneven)
     assert (
-        len(data.train_batches(cfg, batch_size=2, steps=5, rank=0, world_size=1, seed=0, epoch=0))
+        len(
+            data.train_batches(
+                cfg,
+                Classification(cfg),
+                batch_size=2,
+                steps=5,
+                rank=0,
+                world_size=1,
+                seed=0,
+                epoch=0,
+            )
+        )
         == 5
     )
     assert run(cfg, steps=4, start_step=4) == []
@@ -129,7 +143,7 @@ def test_deterministic_and_resume_equals_tail(uneven: str) -> None:
     for k in (1, 5, 11):
         assert_same(run(cfg, steps=12, start_step=k), full[k:])
     other_epoch = run(cfg, steps=12, epoch=1)
-    assert not all(torch.equal(a.labels, b.labels) for a, b in zip(full, other_epoch))
+    assert not all(torch.equal(a.target, b.target) for a, b in zip(full, other_epoch))
     # Augmentation is random: the same sample is transformed differently in another epoch.
     assert not torch.equal(full[0].images, other_epoch[0].images)
 
@@ -158,19 +172,24 @@ def test_val_covers_every_sample_once(tmp_path: Path) -> None:
     cfg = make_cfg(pattern)
     seen = []
     for rank in range(3):
-        batches = list(data.val_batches(cfg, batch_size=2, rank=rank, world_size=3))
+        batches = list(
+            data.val_batches(cfg, Classification(cfg), batch_size=2, rank=rank, world_size=3)
+        )
         assert all(b.images.shape[1:] == (3, SIZE, SIZE) for b in batches)
-        seen += torch.cat([b.labels for b in batches]).tolist()
+        seen += torch.cat([b.target for b in batches]).tolist()
     assert sorted(seen) == list(range(13))
     # More ranks than samples: some ranks get nothing, the rest one small batch.
     counts = [
-        sum(len(b.labels) for b in data.val_batches(cfg, batch_size=4, rank=r, world_size=20))
+        sum(
+            len(b.target)
+            for b in data.val_batches(cfg, Classification(cfg), batch_size=4, rank=r, world_size=20)
+        )
         for r in range(20)
     ]
     assert counts == [1] * 13 + [0] * 7
     # Val is deterministic: same images on every call.
-    a = next(iter(data.val_batches(cfg, batch_size=4, rank=0, world_size=1)))
-    b = next(iter(data.val_batches(cfg, batch_size=4, rank=0, world_size=1)))
+    a = next(iter(data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1)))
+    b = next(iter(data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1)))
     assert torch.equal(a.images, b.images)
 
 
@@ -208,7 +227,7 @@ def test_bad_samples_skipped_and_counted(bad_shards, caplog) -> None:
     cfg = make_cfg(pattern, on_error="skip")
     per_rank = [run(cfg, rank=r, world_size=2, steps=12, batch_size=4) for r in range(2)]
     assert [len(b) for b in per_rank] == [12, 12]
-    labels = set(torch.cat([b.labels for batches in per_rank for b in batches]).tolist())
+    labels = set(torch.cat([b.target for batches in per_rank for b in batches]).tolist())
     assert not labels & {12, 25, 33}
     assert sum(b.skipped for batches in per_rank for b in batches) >= 3
     for key, path in bad.items():
@@ -216,8 +235,8 @@ def test_bad_samples_skipped_and_counted(bad_shards, caplog) -> None:
     # Resume under 'skip' consumes the same samples as the uninterrupted run.
     for rank in range(2):
         assert_same(run(cfg, rank=rank, world_size=2, steps=12, start_step=5), per_rank[rank][5:])
-    val = list(data.val_batches(cfg, batch_size=8, rank=0, world_size=1))
-    assert sum(len(b.labels) for b in val) == 10 + 9 + 9 + 3  # t-3 breaks inside id 33
+    val = list(data.val_batches(cfg, Classification(cfg), batch_size=8, rank=0, world_size=1))
+    assert sum(len(b.target) for b in val) == 10 + 9 + 9 + 3  # t-3 breaks inside id 33
     assert sum(b.skipped for b in val) == 3
 
 
@@ -230,14 +249,15 @@ def test_truncated_at_member_boundary_is_detected(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:cut])
     cfg = make_cfg(str(path))
     with pytest.raises(DataError, match=r"cut\.tar: no end-of-archive block after .*s000003"):
-        list(data.val_batches(cfg, batch_size=4, rank=0, world_size=1))
-    assert data.count_samples(str(path)) == 4
+        list(data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1))
+    assert data.count_samples(str(path), ("cls",)) == 4
 
 
 def test_members_are_never_unpickled(tmp_path: Path) -> None:
     path = write_shard(tmp_path / "p.tar", range(4), bad={1: "pickle"})
-    batches = list(data.val_batches(make_cfg(str(path)), batch_size=4, rank=0, world_size=1))
-    assert batches[0].labels.tolist() == [0, 1, 2, 3]
+    cfg = make_cfg(str(path))
+    batches = list(data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1))
+    assert batches[0].target.tolist() == [0, 1, 2, 3]
 
 
 def test_pipe_refused_unless_allowed(tmp_path: Path) -> None:
@@ -248,10 +268,10 @@ def test_pipe_refused_unless_allowed(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="allow_pipe"):
         run(make_cfg(pipe))
     with pytest.raises(ConfigError, match="allow_pipe"):
-        data.count_samples(pipe)
+        data.count_samples(pipe, ("cls",))
     cfg = make_cfg(pipe, allow_pipe=True)
-    val = list(data.val_batches(cfg, batch_size=8, rank=0, world_size=1))
-    assert sorted(torch.cat([b.labels for b in val]).tolist()) == list(range(7))
+    val = list(data.val_batches(cfg, Classification(cfg), batch_size=8, rank=0, world_size=1))
+    assert sorted(torch.cat([b.target for b in val]).tolist()) == list(range(7))
 
 
 def test_check_shards_errors_name_key_pattern_and_counts(uneven: str, tmp_path: Path) -> None:
@@ -304,21 +324,24 @@ def test_ensure_demo_shards_writes_once_and_matches(tmp_path: Path, monkeypatch)
     cfg = demo_cfg()
     folder = tmp_path / "data" / "demo"
     assert demo.ensure_demo_shards(cfg, seed=0)
-    assert data.count_samples(cfg.train_shards) == 20
-    assert data.count_samples(cfg.val_shards) == 10
+    assert data.count_samples(cfg.train_shards, ("cls",)) == 20
+    assert data.count_samples(cfg.val_shards, ("cls",)) == 10
     assert len(list(folder.glob("train-*.tar"))) == 8 and len(list(folder.glob("val-*.tar"))) == 2
     assert not any(p.name.startswith(".") for p in folder.iterdir())
     assert not demo.ensure_demo_shards(cfg, seed=0)
     data.check_shards(cfg, world_size=2)
     labels = torch.cat(
-        [b.labels for b in data.val_batches(cfg, batch_size=4, rank=0, world_size=1)]
+        [
+            b.target
+            for b in data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1)
+        ]
     )
     assert sorted(labels.tolist()) == list(range(10))
     # Only the split with a missing file is rewritten.
     (folder / "val-000001.tar").unlink()
     train_mtime = (folder / "train-000000.tar").stat().st_mtime_ns
     assert demo.ensure_demo_shards(cfg, seed=0)
-    assert data.count_samples(cfg.val_shards) == 10
+    assert data.count_samples(cfg.val_shards, ("cls",)) == 10
     assert (folder / "train-000000.tar").stat().st_mtime_ns == train_mtime
     for p in folder.glob("val-*.tar"):
         p.unlink()

@@ -70,6 +70,18 @@ def test_distillation_teacher_ran(run):
     ]
 
 
+def test_report_names_the_task_and_the_compiled_agreements_scale(run):
+    report = run["report"]
+    assert (report["task"], report["metric"], report["higher_is_better"]) == (
+        "classification",
+        "top1",
+        True,
+    )
+    assert report["int8_compiled_output_scale"] > 0
+    assert report["int8_compiled_max_abs_logit_diff"] >= 0
+    assert {"fake_quant_top1", "int8_top1"} <= set(report["eval_history"][-1])
+
+
 def test_report_keys_are_registered(run):
     from qatdist.run.report import REPORT_KEYS, report_fields
 

@@ -110,7 +110,7 @@ def test_report_fields(export, run_dir):
 
 
 def test_lowered_model_contains_quantized_convs_and_linears(export):
-    from qatdist.finish.finalize import aoti_package_source
+    from qatdist.finish.artifacts import aoti_package_source
     from qatdist.quant.inspect import count_quantized_ops
 
     report = export["report"]
@@ -155,7 +155,7 @@ def test_aoti_package_in_fresh_process_agrees_with_converted_model(export):
         top2 = ref["logits"].topk(2, dim=1).values
         decided = (top2[:, 0] - top2[:, 1]) > diff
         same = logits.argmax(1) == ref["logits"].argmax(1)
-        print(int((same & decided).sum()), int(decided.sum()), diff, len(ref["labels"]),
+        print(int((same & decided).sum()), int(decided.sum()), diff, len(ref["target"]),
               tuple(single.shape))
         print(any(name.split(".")[0] in ("qatdist", "torchao") for name in sys.modules))
     """)

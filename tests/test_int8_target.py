@@ -21,11 +21,11 @@ from torchao.quantization.pt2e.fake_quantize import FusedMovingAvgObsFakeQuantiz
 from torchao.quantization.pt2e.observer import MovingAveragePerChannelMinMaxObserver
 
 from qatdist.config import ConfigError, QuantConfig, load
-from qatdist.finish.finalize import (
-    INT8_REL_LOGIT_DIFF_BOUND,
+from qatdist.finish.artifacts import export_int8
+from qatdist.finish.checks import (
+    INT8_REL_OUTPUT_DIFF_BOUND,
     Int8Disagreement,
     check_int8_agreement,
-    export_int8,
 )
 from qatdist.quant import QatModel, QatPhase, load_int8
 from qatdist.quant import target as quant_target
@@ -147,13 +147,16 @@ def test_saved_artifact_holds_its_target_and_a_weaker_cpu_warns_once(tmp_path, m
 def test_int8_disagreement_beyond_rounding_fails_naming_target_and_cpu():
     scale = 20.0
     within = {
-        "int8_reference_logit_scale": scale,
-        "int8_compiled_max_abs_logit_diff": INT8_REL_LOGIT_DIFF_BOUND * scale,
+        "int8_compiled_output_scale": scale,
+        "int8_compiled_max_abs_logit_diff": INT8_REL_OUTPUT_DIFF_BOUND * scale,
+        "int8_aoti_output_scale": scale,
         "int8_target": "vnni",
     }
     check_int8_agreement(within, AVX2_CPU)  # at the bound: rounding
     beyond = within | {"int8_aoti_max_abs_logit_diff": 5.6}
-    with pytest.raises(Int8Disagreement, match=r"aoti int8 logits .*\(28\.0% .*'vnni' runs on Old"):
+    with pytest.raises(
+        Int8Disagreement, match=r"aoti int8 outputs .*\(28\.0% .*'vnni' runs on Old"
+    ):
         check_int8_agreement(beyond, AVX2_CPU)
     with pytest.raises(Int8Disagreement) as caught:
         check_int8_agreement(beyond | {"int8_target": "avx2"}, VNNI_CPU)

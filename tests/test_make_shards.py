@@ -16,6 +16,7 @@ from qatdist import data
 from qatdist.config import DataConfig
 from qatdist.data import demo
 from qatdist.data.shards import ShardError, make_image_folder_shards
+from qatdist.tasks.classification import Classification
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "make_shards.py"
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "emu": (0, 0, 255)}
@@ -47,8 +48,8 @@ def read_back(pattern: str) -> list[tuple[int, tuple[float, float, float]]]:
     """(label, mean normalised RGB) of every sample, via the data layer's val path."""
     cfg = DataConfig(train_shards=pattern, val_shards=pattern, image_size=16, num_classes=3)
     out = []
-    for batch in data.val_batches(cfg, batch_size=8, rank=0, world_size=1):
-        for image, label in zip(batch.images, batch.labels):
+    for batch in data.val_batches(cfg, Classification(cfg), batch_size=8, rank=0, world_size=1):
+        for image, label in zip(batch.images, batch.target):
             out.append((int(label), tuple(image.mean(dim=(1, 2)).tolist())))
     return out
 
@@ -70,8 +71,8 @@ def test_image_folder_split_by_fraction(tmp_path: Path) -> None:
     assert summary.ignored_files == [str(tmp_path / "tree" / "dog" / "notes.txt")]
     assert json.loads((tmp_path / "out" / "classes.json").read_text()) == summary.classes
     assert summary.train_pattern == str(tmp_path / "out" / "train-{000000..000003}.tar")
-    assert data.count_samples(summary.train_pattern) == 24
-    assert data.count_samples(summary.val_pattern) == 6
+    assert data.count_samples(summary.train_pattern, ("cls",)) == 24
+    assert data.count_samples(summary.val_pattern, ("cls",)) == 6
     train, val = read_back(summary.train_pattern), read_back(summary.val_pattern)
     assert sorted(label for label, _ in val) == [0, 0, 1, 1, 2, 2]
     assert sorted(label for label, _ in train) == [0] * 8 + [1] * 8 + [2] * 8
@@ -143,12 +144,15 @@ def test_cli_demo_and_help(tmp_path: Path, capsys) -> None:
     assert make_shards.main([*args, "--image-size", "16", "--shard-size", "10"]) == 0
     printed = capsys.readouterr().out
     assert f'data.train_shards = "{out}/train-{{000000..000002}}.tar"' in printed
-    assert data.count_samples(str(out / "train-*.tar")) == 30
+    assert data.count_samples(str(out / "train-*.tar"), ("cls",)) == 30
     assert json.loads((out / "classes.json").read_text())["disk-stripes"] == 0
     val = str(out / "val-000000.tar")
     cfg = DataConfig(train_shards=val, val_shards=val, image_size=16)
     labels = torch.cat(
-        [b.labels for b in data.val_batches(cfg, batch_size=4, rank=0, world_size=1)]
+        [
+            b.target
+            for b in data.val_batches(cfg, Classification(cfg), batch_size=4, rank=0, world_size=1)
+        ]
     )
     assert sorted(labels.tolist()) == list(range(demo.NUM_CLASSES))
     with pytest.raises(SystemExit) as exit_info:

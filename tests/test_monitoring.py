@@ -304,10 +304,12 @@ def test_union_seconds_counts_overlap_once():
 
 _PROGRESS = textwrap.dedent("""
     from pathlib import Path
-    from qatdist.config import LogConfig
+    from qatdist.config import DataConfig, LogConfig
     from qatdist.monitor import Monitor, setup_logging
+    from qatdist.tasks.classification import Classification
     setup_logging(0)
-    m = Monitor(Path("."), LogConfig(tensorboard=False), enabled=True, total_steps=4)
+    task = Classification(DataConfig())
+    m = Monitor(Path("."), LogConfig(tensorboard=False), task, enabled=True, total_steps=4)
     for step in (1, 2, 3, 4):
         m.progress(step=step, epoch=0, loss=1.5, images_per_s=100.0, step_s=0.5)
     m.info("after the bar")
@@ -376,10 +378,12 @@ def test_eta_rate_leaves_out_one_time_and_outlier_steps():
 
 
 def test_eta_ignores_the_compile_at_the_phase_switch(capsys):
-    from qatdist.config import LogConfig
+    from qatdist.config import DataConfig, LogConfig
     from qatdist.monitor import Monitor
+    from qatdist.tasks.classification import Classification
 
-    m = Monitor(Path("."), LogConfig(tensorboard=False), enabled=True, total_steps=100)
+    task = Classification(DataConfig())
+    m = Monitor(Path("."), LogConfig(tensorboard=False), task, enabled=True, total_steps=100)
     m.is_tty = False
     for step, seconds in enumerate([20.0, 1.0, 1.0, 1.0, 60.0, 1.0], start=1):
         m.rate.add(seconds, one_time=step == 1)
@@ -391,9 +395,10 @@ def test_eta_ignores_the_compile_at_the_phase_switch(capsys):
 def test_final_prints_baselines_and_writes_them_to_tensorboard(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from qatdist.config import Config, LogConfig
+    from qatdist.config import DataConfig, LogConfig
     from qatdist.monitor import Monitor
     from qatdist.run.report import with_derived
+    from qatdist.tasks.classification import Classification
 
     report = with_derived(
         {
@@ -410,8 +415,9 @@ def test_final_prints_baselines_and_writes_them_to_tensorboard(tmp_path, capsys)
             "train_images_per_s": 10.0,
         }
     )
-    m = Monitor(tmp_path, LogConfig(tensorboard=True), enabled=True, total_steps=8)
-    m.final(report, Config())
+    task = Classification(DataConfig())
+    m = Monitor(tmp_path, LogConfig(tensorboard=True), task, enabled=True, total_steps=8)
+    m.final(report, {"model": "resnet18", "lr": 0.05})
     m.close()
     out = capsys.readouterr().out
     assert "baselines (top-1 on the validation shards):" in out

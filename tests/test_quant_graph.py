@@ -20,7 +20,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from torchvision.models import swin_transformer
 
 from qatdist.config import QuantConfig
-from qatdist.finish.finalize import coverage
+from qatdist.finish.checks import coverage
 from qatdist.models import tiny_vit
 from qatdist.quant import schedule
 from qatdist.quant.capture import capture
@@ -32,7 +32,7 @@ from qatdist.quant.fixes.fast_annotate import (
 )
 from qatdist.quant.inspect import annotated_layers, constant_layers, count_quantized_ops
 from qatdist.quant.prepare import build_quantizer, prepare_qat
-from qatdist.tasks.evaluate import agreement_where_decided
+from qatdist.tasks.classification import agreement_where_decided
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
 

@@ -16,7 +16,7 @@ from qatdist.quant.inspect import annotated_layers, count_quantized_ops
 from qatdist.quant.model import QatModel
 from qatdist.quant.prepare import build_quantizer, prepare_qat
 from qatdist.quant.ptq import prepare_ptq, ptq_quantization_config
-from qatdist.tasks.evaluate import agreement_where_decided
+from qatdist.tasks.classification import agreement_where_decided
 
 
 def _fake_quant_count(model):

@@ -9,14 +9,20 @@ import pytest
 import torch
 from tiny_model import tiny_cnn  # tests/ is on sys.path (pytest's rootdir conftest)
 
-from qatdist.config import QuantConfig
+from qatdist.config import DataConfig, QuantConfig
+from qatdist.finish import checks
 from qatdist.finish import finalize as fin
 from qatdist.quant import QatModel
 from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.convert import convert_to_int8
 from qatdist.quant.schedule import to_eval
 from qatdist.run import report as reports
-from qatdist.tasks.evaluate import DecidedAgreement, agreement_where_decided, top2_margin
+from qatdist.tasks.classification import (
+    Classification,
+    DecidedAgreement,
+    agreement_where_decided,
+    top2_margin,
+)
 
 # --- margin-aware agreement -------------------------------------------------------------------
 
@@ -37,8 +43,14 @@ def test_meter_judges_with_the_max_difference_over_all_batches():
     meter = DecidedAgreement()
     meter.update(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))  # margin 1, diff 0
     meter.update(torch.tensor([[0.0, 5.0]]), torch.tensor([[0.0, 3.5]]))  # margin 5, diff 1.5
-    assert meter.max_abs_logit_diff == pytest.approx(1.5)
-    assert meter.result() == (1, 1)  # the first sample's margin 1 < 1.5: not comparable
+    assert meter.max_abs_diff == pytest.approx(1.5)
+    assert meter.counts() == (1, 1)  # the first sample's margin 1 < 1.5: not comparable
+    assert meter.result() == {
+        "agreement": 1.0,
+        "comparable": 1,
+        "max_abs_diff": pytest.approx(1.5),
+        "output_scale": 5.0,  # the reference's largest |logit|
+    }
     with pytest.raises(ValueError, match="shape"):
         meter.update(torch.zeros(2, 3), torch.zeros(2, 4))
 
@@ -61,9 +73,10 @@ ISSUE_KEYS = [
     "fp32_fallback_layers",
     "sensitivity",
     "teacher_seconds_total",
-    "linears_quantized",
-    "linears_present",
     "int8_compiled_comparable_samples",
+    "int8_compiled_output_scale",
+    "task",
+    "metric",
     "int8_aoti_comparable_samples",
 ]
 
@@ -102,6 +115,23 @@ def test_derived_keys_need_their_inputs():
     assert budget["accuracy_budget_met"] is False
 
 
+def test_a_task_metric_is_accepted_only_under_the_reports_metric():
+    fields = {"metric": "mse", "higher_is_better": False, "int8_mse": 0.2, "fp32_mse": 0.15}
+    assert reports.report_fields(**fields)["int8_mse"] == 0.2
+    with pytest.raises(KeyError, match="int8_mse"):
+        reports.report_fields(int8_mse=0.2)  # no metric named: not a report key
+    with pytest.raises(TypeError, match="int8_mse"):
+        reports.report_fields(metric="mse", int8_mse="low")
+    derived = reports.with_derived(fields | {"ptq_int8_mse": 0.5, "accuracy_budget": 0.01})
+    # lower is better: int8 is 0.3 better than PTQ and 0.05 worse than fp32
+    assert derived["qat_gain_over_ptq"] == pytest.approx(0.3)
+    assert derived["int8_drop_vs_fp32"] == pytest.approx(0.05)
+    assert derived["accuracy_budget_met"] is False
+    text = reports.markdown(derived | {"latency": []})
+    assert "## Baselines (mse)" in text and "| PTQ int8 (no QAT) | 0.5000 |" in text
+    assert "| int8 compiled (Inductor, freezing) | 0.2000 |" in text
+
+
 def test_markdown_has_baselines_only_when_measured():
     plain = {"model": "m", "int8_top1": 0.5, "latency": []}
     assert "Baselines" not in reports.markdown(plain)
@@ -134,11 +164,11 @@ def test_slower_int8_names_the_checkable_causes():
         "unquantized_layers": ["layer4.1.conv2"],
         "compiled": True,
     }
-    causes = " | ".join(fin.slower_int8_causes(report))
+    causes = " | ".join(checks.slower_int8_causes(report))
     for phrase in ("dot-product", "batch size 1", "one torch thread", "layer4.1.conv2"):
         assert phrase in causes
     fine = {"cpu_int8_capabilities": {"int8_dot_product": True}, "latency_batch_size": 64}
-    assert fin.slower_int8_causes(fine | {"threads": 8, "compiled": True}) == []
+    assert checks.slower_int8_causes(fine | {"threads": 8, "compiled": True}) == []
 
 
 # --- quantization coverage ------------------------------------------------------------------
@@ -173,6 +203,7 @@ def _finalize(prepared, out_dir, **kwargs) -> dict:
     return fin.finalize(
         prepared,
         tiny_cnn(10),
+        Classification(DataConfig(image_size=16)),
         lambda bs: [(images, labels)],
         image_size=16,
         batch_sizes=[2],
@@ -219,14 +250,19 @@ def test_layers_kept_fp32_by_config_are_not_a_shortfall(tmp_path):
     assert report["annotated_conv_layers"] == 1
     assert report["int8_eval_samples"] == 6
     assert 0 <= report["int8_compiled_comparable_samples"] <= 6
+    assert (report["task"], report["metric"]) == ("classification", "top1")
+    assert (
+        report["int8_compiled_output_scale"] > 0 and report["int8_compiled_max_abs_logit_diff"] >= 0
+    )
+    assert 0 <= report["int8_top1"] <= 1 and 0 <= report["int8_reference_top1"] <= 1
 
 
 def test_generated_code_shortfall_without_a_float_layer_is_counted():
     prepared = _prepared(QuantConfig())
     int8 = convert_to_int8(prepared)
-    fields = fin.coverage(prepared, int8, {"inductor": {"conv": 1, "linear": 1}})
+    fields = checks.coverage(prepared, int8, {"inductor": {"conv": 1, "linear": 1}})
     assert fields["quantization_complete"] is False
     assert fields["unquantized_layers"] == ["1 conv layer(s) not lowered to int8 in inductor"]
-    assert fin.coverage(prepared, int8, {"inductor": {"conv": 2, "linear": 1}})[
+    assert checks.coverage(prepared, int8, {"inductor": {"conv": 2, "linear": 1}})[
         "quantization_complete"
     ]

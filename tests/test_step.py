@@ -10,6 +10,9 @@ import torchvision
 from qatdist import config
 from qatdist.config import ConfigError
 from qatdist.step import Distillation, build_teacher, train_step
+from qatdist.tasks.classification import Classification
+
+TASK = Classification(config.DataConfig())
 
 
 def _net(seed: int) -> torch.nn.Module:
@@ -35,7 +38,7 @@ def test_distillation_loss_is_the_blend_of_cross_entropy_and_tempered_kl():
     log_p_student = torch.log_softmax(logits / 3.0, dim=1)
     kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(dim=1).mean()
     expected = 0.75 * ce + 0.25 * 9.0 * kl
-    torch.testing.assert_close(distill.loss(logits, images, ce), expected)
+    torch.testing.assert_close(distill.loss(TASK, logits, images, ce), expected)
     assert distill.seconds > 0
 
 
@@ -46,7 +49,7 @@ def test_teacher_gets_no_gradient_no_optimizer_state_and_stays_unchanged():
     distill = Distillation(teacher, weight=0.5, temperature=2.0)
     student_before = copy.deepcopy(student.state_dict())
     for _ in range(3):
-        train_step(student, optimizer, scheduler, images, labels, distillation=distill)
+        train_step(student, optimizer, scheduler, TASK, images, labels, distillation=distill)
     assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     teacher_ids = {id(p) for p in teacher.parameters()}
     assert not teacher_ids & {id(p) for p in optimizer.state}
@@ -59,7 +62,7 @@ def test_distillation_changes_the_update():
     results = []
     for distill in (None, Distillation(_net(1), weight=0.9, temperature=2.0)):
         student, optimizer, scheduler, images, labels = _setup()
-        train_step(student, optimizer, scheduler, images, labels, distillation=distill)
+        train_step(student, optimizer, scheduler, TASK, images, labels, distillation=distill)
         results.append(student.state_dict()["0.weight"])
     assert not torch.equal(*results)
 
@@ -68,10 +71,17 @@ def test_refused_update_skips_the_optimizer_but_advances_the_schedule():
     student, optimizer, scheduler, images, labels = _setup()
     before = copy.deepcopy(student.state_dict())
     seen = []
-    loss, correct = train_step(
-        student, optimizer, scheduler, images, labels, may_update=lambda v: seen.append(v) or False
+    loss, outputs = train_step(
+        student,
+        optimizer,
+        scheduler,
+        TASK,
+        images,
+        labels,
+        may_update=lambda v: seen.append(v) or False,
     )
-    assert seen == [pytest.approx(loss)] and 0 <= correct <= 16
+    assert seen == [pytest.approx(loss)] and outputs.shape == (16, 4)
+    assert not outputs.requires_grad
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
     assert scheduler.last_epoch == 1 and not optimizer.state
 
@@ -82,25 +92,21 @@ def test_distillation_weight_out_of_range_is_refused(weight):
         Distillation(_net(1), weight=weight, temperature=2.0)
 
 
-def _teacher_config(**train) -> config.Config:
-    cfg = config.Config()
-    cfg.model.name, cfg.data.num_classes, cfg.data.image_size = "resnet18", 10, 32
-    cfg.train.distill_weight = 0.5
-    for key, value in train.items():
-        setattr(cfg.train, key, value)
-    return cfg
+def _teacher(weights: str, student: torch.nn.Module):
+    model = config.ModelConfig(name="resnet18")
+    return build_teacher(model, weights, student, num_classes=10, image_size=32)
 
 
 def test_teacher_is_the_starting_model_unless_teacher_weights_are_given(tmp_path):
     student = torch.nn.Linear(2, 2)
-    assert build_teacher(_teacher_config(), student) == (student, None)
+    assert _teacher("", student) == (student, None)
 
     torch.manual_seed(5)
     trained = torchvision.models.resnet18(num_classes=10)
     path = tmp_path / "teacher.pt"
     # a DDP-style checkpoint: the same layouts as model.weights are read
     torch.save({"state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}}, path)
-    teacher, source = build_teacher(_teacher_config(distill_teacher_weights=str(path)), student)
+    teacher, source = _teacher(str(path), student)
     assert teacher is not student
     for name, value in trained.state_dict().items():
         assert torch.equal(teacher.state_dict()[name], value), name
@@ -111,4 +117,4 @@ def test_teacher_weights_of_another_architecture_name_the_key(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     with pytest.raises(ConfigError, match="^train.distill_teacher_weights: "):
-        build_teacher(_teacher_config(distill_teacher_weights=str(path)), torch.nn.Linear(2, 2))
+        _teacher(str(path), torch.nn.Linear(2, 2))

@@ -14,7 +14,7 @@ from tiny_model import MBConvBlock
 from torch import nn
 
 from qatdist.config import QuantConfig
-from qatdist.finish.finalize import FinalCheckFailed, check_deterministic
+from qatdist.finish.checks import FinalCheckFailed, check_deterministic
 from qatdist.quant import QatModel, QatPhase, schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.fixes.training_only import (

@@ -17,6 +17,7 @@ from PIL import Image
 from qatdist import data
 from qatdist.config import ConfigError, DataConfig
 from qatdist.data import transforms
+from qatdist.tasks.classification import Classification
 
 SIZE = 16
 SOURCE = 24  # stored images are larger than SIZE, so the transforms really resize
@@ -51,24 +52,29 @@ def make_cfg(pattern: str, **kw) -> DataConfig:
 
 def train(cfg: DataConfig, **kw) -> list[data.Batch]:
     args = {"batch_size": 4, "steps": 8, "seed": 5, "epoch": 0, "rank": 0, "world_size": 1}
-    return list(data.train_batches(cfg, **(args | kw)))
+    return list(data.train_batches(cfg, Classification(cfg), **(args | kw)))
 
 
 def val_images(cfg: DataConfig) -> torch.Tensor:
-    return torch.cat([b.images for b in data.val_batches(cfg, batch_size=8, rank=0, world_size=1)])
+    return torch.cat(
+        [
+            b.images
+            for b in data.val_batches(cfg, Classification(cfg), batch_size=8, rank=0, world_size=1)
+        ]
+    )
 
 
 def test_hflip_setting_flips_decoded_shard_samples(shards: str) -> None:
     plain = train(make_cfg(shards, hflip=0.0, crop_scale=[1.0, 1.0]))
     flipped = train(make_cfg(shards, hflip=1.0, crop_scale=[1.0, 1.0]))
     for a, b in zip(plain, flipped, strict=True):
-        assert torch.equal(a.labels, b.labels)
+        assert torch.equal(a.target, b.target)
         assert torch.equal(b.images, a.images.flip(-1))
         assert not torch.equal(a.images, b.images)
     # crop_scale [1, 1] resizes the whole image: the same pixels as the evaluation transform.
     by_label = dict(zip(range(24), val_images(make_cfg(shards))))
     for batch in plain:
-        for image, label in zip(batch.images, batch.labels):
+        for image, label in zip(batch.images, batch.target):
             assert torch.equal(image, by_label[int(label)])
     # The default probability 0.5 flips some samples and not others.
     half = train(make_cfg(shards, crop_scale=[1.0, 1.0]))
@@ -115,7 +121,7 @@ def test_custom_transform_factory_is_used_and_resumes_exactly(shards: str, on_pa
     batches = train(cfg)
     draws = set()
     for batch in batches:
-        for image, label in zip(batch.images, batch.labels):
+        for image, label in zip(batch.images, batch.target):
             value = float(image[0, 0, 0])
             draws.add(value >= 1000)
             assert value % 1000 == _pixels(int(label))[0, 0, 0]
@@ -129,7 +135,7 @@ def test_custom_transform_factory_is_used_and_resumes_exactly(shards: str, on_pa
 def assert_same(a: list[data.Batch], b: list[data.Batch]) -> None:
     assert len(a) == len(b)
     for x, y in zip(a, b):
-        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+        assert torch.equal(x.images, y.images) and torch.equal(x.target, y.target)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from qatdist.config.load import (
     to_toml,
 )
 from qatdist.config.sections import (
+    BUILTIN_TASKS,
     DEFAULT_CONFIG,
     DEMO_DIR,
     DEMO_SHARDS,
@@ -32,12 +33,14 @@ from qatdist.config.sections import (
     QuantConfig,
     RunConfig,
     RuntimeConfig,
+    TaskConfig,
     TrainConfig,
     is_demo_pattern,
     with_schedule_steps,
 )
 
 __all__ = [
+    "BUILTIN_TASKS",
     "DEFAULT_CONFIG",
     "DEMO_DIR",
     "DEMO_SHARDS",
@@ -55,6 +58,7 @@ __all__ = [
     "QuantConfig",
     "RunConfig",
     "RuntimeConfig",
+    "TaskConfig",
     "TrainConfig",
     "describe_error",
     "expand_shards",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from qatdist.config.factories import FORMS, factory_file, split_spec
 from qatdist.config.sections import (
+    BUILTIN_TASKS,
     GRAD_COMPRESSION,
     INT8_TARGETS,
     Config,
@@ -40,6 +41,15 @@ def _check_run_and_model(cfg: Config) -> None:
     _require(bool(cfg.model.name), "model.name", "a model name", cfg.model.name)
     if ":" in cfg.model.name:
         _check_factory_spec("model.name", cfg.model.name)
+    if ":" in cfg.task.name:
+        _check_factory_spec("task.name", cfg.task.name)
+    else:
+        _require(
+            cfg.task.name in BUILTIN_TASKS,
+            "task.name",
+            f"a built-in task ({', '.join(BUILTIN_TASKS)}) or {FORMS}",
+            cfg.task.name,
+        )
     if cfg.model.weights:
         _require(
             Path(cfg.model.weights).is_file(),

@@ -60,6 +60,19 @@ class ModelConfig:
     )
 
 
+BUILTIN_TASKS = ("classification",)
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f(
+        "classification",
+        "What the model predicts: a built-in task (" + ", ".join(BUILTIN_TASKS) + ") or a "
+        "function 'package.module:function' or 'path/to/file.py:function' called as "
+        "function(task_cfg, data_cfg) that returns a qatdist.tasks.Task (docs/tasks.md).",
+    )
+
+
 @dataclass
 class DataConfig:
     train_shards: str = _f("", "Train shards: webdataset brace pattern or glob of .tar files.")
@@ -143,14 +156,15 @@ class QuantConfig:
     )
     max_accuracy_drop: float = _f(
         -1.0,
-        "Accuracy budget: largest fp32_top1 - int8_top1 accepted; above it layers are kept in "
-        "fp32 by sensitivity until it is met (-1: off).",
+        "Accuracy budget: largest drop of the task's primary metric from fp32 to int8 accepted "
+        "(classification: fp32 - int8 top-1); above it layers are kept in fp32 by "
+        "sensitivity until it is met (-1: off).",
     )
     fallback_finetune_steps: int = _f(
         0, "Accuracy budget: QAT steps after each layer moved to fp32 (0: none)."
     )
     sensitivity_candidates: int = _f(
-        8, "Accuracy budget: most-sensitive layers whose top-1 gain in fp32 is measured."
+        8, "Accuracy budget: most-sensitive layers whose metric gain in fp32 is measured."
     )
     target: str = _f(
         "auto",
@@ -252,6 +266,7 @@ INT8_TARGETS = ("auto", "vnni", "avx2")
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

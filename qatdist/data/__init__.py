@@ -5,9 +5,18 @@ from qatdist.data.loader import (
     Batch,
     check_shards,
     count_samples,
+    full_val_batches,
     train_batches,
     val_batches,
 )
 from qatdist.data.shards import DataError
 
-__all__ = ["Batch", "DataError", "check_shards", "count_samples", "train_batches", "val_batches"]
+__all__ = [
+    "Batch",
+    "DataError",
+    "check_shards",
+    "count_samples",
+    "full_val_batches",
+    "train_batches",
+    "val_batches",
+]

@@ -1,7 +1,8 @@
 """Data layer: webdataset tar shards -> fixed-size, reproducible batches for every rank.
 
-Shards are read by qatdist.data.shards (never unpickling anything) and samples transformed by
-qatdist.data.transforms (data.hflip, data.crop_scale, data.mean / data.std or data.transform).
+Shards are read by qatdist.data.shards (never unpickling anything); the run's task
+(`qatdist.tasks.Task`) decodes each sample into (image, target), transforms the pair and
+collates a batch.
 
 Train order is a pure function of (seed, epoch, rank, cfg). The shard list is shuffled by
 (seed, epoch); shard i goes to rank i % world_size; a rank's shards are split over
@@ -19,33 +20,33 @@ import itertools
 import logging
 import random
 from collections.abc import Callable, Iterable, Iterator
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from qatdist.config import ConfigError, DataConfig
 from qatdist.config.checks import expand_shards
-from qatdist.data import transforms
 from qatdist.data.shards import (  # DataError is raised here and caught as data.DataError
     DataError,
     RawSample,
     count_shard,
-    decode_sample,
     is_stream_url,
     read_shard,
 )
+
+if TYPE_CHECKING:
+    from qatdist.tasks import Task
 
 log = logging.getLogger(__name__)
 
 
 class Batch(NamedTuple):
     images: torch.Tensor
-    """(N, 3, H, W) float32, normalised with data.mean / data.std, contiguous."""
-    labels: torch.Tensor
-    """(N,) int64."""
+    """(N, 3, H, W) float32, as the task's transforms and collate made them (normalised)."""
+    target: Any
+    """The batch's target as the task collates it (classification: (N,) int64 labels)."""
     skipped: int
     """Bad samples skipped (data.on_error='skip') while producing this batch."""
 
@@ -90,12 +91,8 @@ def check_shards(cfg: DataConfig, world_size: int) -> None:
     _shard_urls(cfg.val_shards, "val_shards", cfg.allow_pipe)
 
 
-def _make_batch(images: list[np.ndarray], labels: list[int], skipped: int) -> Batch:
-    return Batch(
-        torch.from_numpy(np.ascontiguousarray(np.stack(images))),
-        torch.tensor(labels, dtype=torch.int64),
-        skipped,
-    )
+def _make_batch(task: Task, inputs: list, targets: list, skipped: int) -> Batch:
+    return Batch(*task.collate(inputs, targets), skipped)
 
 
 def _seed_entropy(*values: int) -> list[int]:
@@ -124,6 +121,7 @@ class _TrainStreams(IterableDataset):
     def __init__(
         self,
         cfg: DataConfig,
+        task: Task,
         rank_urls: list[str],
         *,
         batch_size: int,
@@ -133,7 +131,7 @@ class _TrainStreams(IterableDataset):
         epoch: int,
         rank: int,
     ) -> None:
-        self.cfg = cfg
+        self.cfg, self.task = cfg, task
         self.rank_urls = rank_urls
         self.batch_size = batch_size
         self.steps = steps
@@ -178,9 +176,9 @@ class _TrainStreams(IterableDataset):
                 pass_len.append(count)
 
     def _stream(self, stream: int) -> Iterator[Batch]:
-        cfg, n_streams, bs = self.cfg, self.num_streams, self.batch_size
+        cfg, task, n_streams, bs = self.cfg, self.task, self.num_streams, self.batch_size
         errors = _SkipLog(cfg.on_error)
-        transform = transforms.train_transform(cfg)  # once per stream, i.e. per loader worker
+        transform = task.train_transform()  # once per stream, i.e. per loader worker
         pass_len: list[int] = []
         samples = self._raw_samples(stream, errors, pass_len)
         # Local batch j of this stream is global step stream + j * n_streams.
@@ -188,11 +186,11 @@ class _TrainStreams(IterableDataset):
         end = max(0, -(-(self.steps - stream) // n_streams))
         bad_in_a_row = 0
 
-        def next_good() -> tuple[Image.Image, int] | None:
+        def next_good() -> tuple | None:
             nonlocal bad_in_a_row
             raw = next(samples)
             try:
-                decoded = decode_sample(raw, cfg.num_classes, cfg.image_size)
+                decoded = task.decode(raw)
             except DataError as e:
                 errors.bad(e)
                 bad_in_a_row += 1
@@ -215,8 +213,8 @@ class _TrainStreams(IterableDataset):
             elif next_good() is not None:
                 n += 1
         for _ in range(first, end):
-            images, labels, skipped = [], [], 0
-            while len(images) < bs:
+            inputs, targets, skipped = [], [], 0
+            while len(inputs) < bs:
                 decoded = next_good()
                 if decoded is None:
                     skipped += 1
@@ -225,9 +223,10 @@ class _TrainStreams(IterableDataset):
                     _seed_entropy(self.seed, self.epoch, self.rank, stream, n)
                 )
                 n += 1
-                images.append(transform(decoded[0], rng))
-                labels.append(decoded[1])
-            yield _make_batch(images, labels, skipped)
+                x, y = transform(decoded[0], decoded[1], rng)
+                inputs.append(x)
+                targets.append(y)
+            yield _make_batch(task, inputs, targets, skipped)
 
 
 class _Reiterable:
@@ -253,6 +252,7 @@ class _Batches(_Reiterable):
 
 def train_batches(
     cfg: DataConfig,
+    task: Task,
     *,
     batch_size: int,
     steps: int,
@@ -264,7 +264,8 @@ def train_batches(
     worker_init_fn=None,
 ) -> Iterable[Batch]:
     """Exactly `steps - start_step` train batches of exactly `batch_size` samples (steps
-    start_step .. steps-1 of the epoch) for `rank`, the same count on every rank.
+    start_step .. steps-1 of the epoch) for `rank`, the same count on every rank; `task`
+    decodes, transforms and collates them.
 
     The order is a pure function of (seed, epoch, rank, cfg): equal arguments give bitwise-equal
     batches, and `start_step=k` gives the tail of the `start_step=0` sequence. Loads in
@@ -282,6 +283,7 @@ def train_batches(
     urls = random.Random(f"{seed}/{epoch}/shards").sample(urls, len(urls))
     dataset = _TrainStreams(
         cfg,
+        task,
         urls[rank::world_size],
         batch_size=batch_size,
         steps=steps,
@@ -317,12 +319,12 @@ def _iterate_and_stop_workers(loader: DataLoader) -> Iterator[Batch]:
 
 
 def _val_iter(
-    cfg: DataConfig, urls: list[str], batch_size: int, rank: int, world_size: int
+    cfg: DataConfig, task: Task, urls: list[str], batch_size: int, rank: int, world_size: int
 ) -> Iterator[Batch]:
     errors = _SkipLog(cfg.on_error)
-    transform = transforms.eval_transform(cfg)
-    images: list[np.ndarray] = []
-    labels: list[int] = []
+    transform = task.eval_transform()
+    inputs: list = []
+    targets: list = []
     skipped = 0
     index = 0
     for url in urls:
@@ -332,22 +334,25 @@ def _val_iter(
             if not mine:
                 continue
             try:
-                img, label = decode_sample(raw, cfg.num_classes, cfg.image_size)
+                image, target = task.decode(raw)
             except DataError as e:
                 errors.bad(e)
                 skipped += 1
                 continue
-            images.append(transform(img))
-            labels.append(label)
-            if len(images) == batch_size:
-                yield _make_batch(images, labels, skipped)
-                images, labels, skipped = [], [], 0
-    if images:
-        yield _make_batch(images, labels, skipped)
+            x, y = transform(image, target)
+            inputs.append(x)
+            targets.append(y)
+            if len(inputs) == batch_size:
+                yield _make_batch(task, inputs, targets, skipped)
+                inputs, targets, skipped = [], [], 0
+    if inputs:
+        yield _make_batch(task, inputs, targets, skipped)
 
 
-def val_batches(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int) -> Iterable[Batch]:
-    """Validation batches for `rank`: sample i (in sorted shard order) goes to rank
+def val_batches(
+    cfg: DataConfig, task: Task, *, batch_size: int, rank: int, world_size: int
+) -> Iterable[Batch]:
+    """Validation batches of `task` for `rank`: sample i (in sorted shard order) goes to rank
     i % world_size, so all ranks together see every sample once. Deterministic transform;
     the last batch may be smaller and a rank may get none. Loads in this process."""
     if batch_size < 1 or not 0 <= rank < world_size:
@@ -355,12 +360,21 @@ def val_batches(cfg: DataConfig, *, batch_size: int, rank: int, world_size: int)
             f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}"
         )
     urls = _shard_urls(cfg.val_shards, "val_shards", cfg.allow_pipe)
-    return _Reiterable(lambda: _val_iter(cfg, urls, batch_size, rank, world_size))
+    return _Reiterable(lambda: _val_iter(cfg, task, urls, batch_size, rank, world_size))
 
 
-def count_samples(pattern: str, *, allow_pipe: bool = False) -> int:
-    """Number of samples (keys with an image and a .cls member) in the shards matching
-    `pattern`, from tar member names without decoding; a truncated or unreadable shard adds
-    the samples before the break, with a warning. ConfigError when nothing matches, or for a
-    'pipe:' pattern unless `allow_pipe`."""
-    return sum(count_shard(url) for url in _shard_urls(pattern, "shards", allow_pipe))
+def full_val_batches(cfg: DataConfig, task: Task) -> Callable[[int], Iterable[Batch]]:
+    """`f(batch_size)`: every validation sample in one process (rank 0 of 1), as the final
+    measurements, the accuracy budget and the export read them. ConfigError now when the val
+    pattern matches nothing."""
+    _shard_urls(cfg.val_shards, "val_shards", cfg.allow_pipe)
+    return lambda batch_size: val_batches(cfg, task, batch_size=batch_size, rank=0, world_size=1)
+
+
+def count_samples(pattern: str, extensions: tuple[str, ...], *, allow_pipe: bool = False) -> int:
+    """Number of samples (keys with an image and a member of each of `extensions`, the task's
+    `sample_extensions`) in the shards matching `pattern`, from tar member names without
+    decoding; a truncated or unreadable shard adds the samples before the break, with a
+    warning. ConfigError when nothing matches, or for a 'pipe:' pattern unless
+    `allow_pipe`."""
+    return sum(count_shard(url, extensions) for url in _shard_urls(pattern, "shards", allow_pipe))

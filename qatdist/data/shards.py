@@ -1,10 +1,11 @@
 """The webdataset shard format: reading it (for the loaders in qatdist.data) and writing it
 (the demo generator and `scripts/make_shards.py`).
 
-A sample is `<key>.<image ext>` (original image bytes) + `<key>.cls` (ASCII integer label).
-The reader is our own: images are decoded with PIL and labels with `int(text)`, so nothing in a
-shard is ever unpickled. Each shard is written to a hidden temporary name and renamed, so a
-shard file that exists is complete.
+A sample is `<key>.<image ext>` (original image bytes) plus the members its task reads (the
+classification task's `<key>.cls`, an ASCII integer label, is what the writers here produce).
+The reader is our own: images are decoded with PIL and the rest by the task
+(`qatdist.tasks`), so nothing in a shard is ever unpickled. Each shard is written to a hidden
+temporary name and renamed, so a shard file that exists is complete.
 """
 
 from __future__ import annotations
@@ -122,31 +123,24 @@ def read_shard(url: str, raise_errors: bool) -> Iterator[RawSample]:
         yield RawSample(url, bad_key, error=error)
 
 
-def _label_and_image_ext(raw: RawSample, num_classes: int) -> tuple[int, str]:
-    where = f"shard {raw.shard}, sample key {raw.key!r}"
+def image_member(raw: RawSample) -> str:
+    """The member name of the sample's image; DataError naming shard and key when the sample is
+    a read failure or has no image."""
     if raw.error is not None:
         raise DataError(raw.error)
     image_ext = next((e for e in raw.files if e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS), None)
     if image_ext is None:
+        where = f"shard {raw.shard}, sample key {raw.key!r}"
         raise DataError(f"{where}: no image member (members: {sorted(raw.files)})")
-    if LABEL_EXTENSION not in raw.files:
-        raise DataError(f"{where}: missing label (.{LABEL_EXTENSION} member)")
-    text = raw.files[LABEL_EXTENSION]
-    try:
-        label = int(text.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise DataError(f"{where}: label {text[:32]!r} is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} outside [0, {num_classes})")
-    return label, image_ext
+    return image_ext
 
 
-def decode_sample(raw: RawSample, num_classes: int, image_size: int) -> tuple[Image.Image, int]:
-    """(RGB image, label) of a sample, or DataError naming shard and key."""
-    label, image_ext = _label_and_image_ext(raw, num_classes)
+def decode_image(raw: RawSample, image_size: int) -> Image.Image:
+    """The sample's image in RGB (JPEGs decoded at a reduced scale still >= `image_size`), or
+    DataError naming shard and key."""
+    image_ext = image_member(raw)
     try:
         img = Image.open(io.BytesIO(raw.files[image_ext]))
-        # JPEG can decode at a reduced scale that is still >= the size we need: much faster.
         img.draft("RGB", (image_size, image_size))
         img = img.convert("RGB")
     except Exception as e:  # PIL raises many types for bad bytes; all mean "undecodable".
@@ -155,18 +149,19 @@ def decode_sample(raw: RawSample, num_classes: int, image_size: int) -> tuple[Im
         raise DataError(
             f"shard {raw.shard}, sample key {raw.key!r}: cannot decode .{image_ext} image: {reason}"
         ) from None
-    return img, label
+    return img
 
 
-def count_shard(url: str) -> int:
-    """Samples with an image and a label member, from member names only. A shard that breaks
-    off counts the samples before the break (the reader skips or raises at that point)."""
+def count_shard(url: str, extensions: tuple[str, ...]) -> int:
+    """Samples with an image and a member of each of `extensions` (the task's
+    `sample_extensions`), from member names only. A shard that breaks off counts the samples
+    before the break (the reader skips or raises at that point)."""
     count = 0
     key, exts = None, set()
 
     def complete() -> bool:
         image = any(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
-        return image and LABEL_EXTENSION in exts
+        return image and all(e in exts for e in extensions)
 
     try:
         with _open_tar(url) as tar:

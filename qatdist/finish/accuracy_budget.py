@@ -1,5 +1,5 @@
-"""The accuracy budget at the end of a run (`quant.max_accuracy_drop`, issue 15): the trainer's
-and the export's side of `qatdist.quant.accuracy.meet_accuracy_budget`.
+"""The accuracy budget at the end of a run (`quant.max_accuracy_drop`): the trainer's and the
+export's side of `qatdist.quant.accuracy.meet_accuracy_budget`.
 
 `AccuracyBudget.apply` runs the search on every rank after QAT and the final sync and returns
 the QAT model that finalize converts (the trained one, or a rebuild with the chosen layers in
@@ -14,11 +14,11 @@ import copy
 import dataclasses
 import functools
 import logging
+from collections.abc import Callable, Iterable
 
 import torch
 
-from qatdist import data
-from qatdist.config import Config
+from qatdist.config import OptimConfig, QuantConfig
 from qatdist.distributed import DistEnv, wrap_ddp
 from qatdist.optim import build_optimizer
 from qatdist.quant import QatModel
@@ -26,12 +26,13 @@ from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.accuracy import (
     BudgetResult,
     CompiledLatencyCost,
-    full_val_top1,
+    full_val_score,
     meet_accuracy_budget,
 )
 from qatdist.quant.layer_error import make_rebuilder
 from qatdist.quant.sync import sync_quant_stats
 from qatdist.step import train_step
+from qatdist.tasks import Task
 from qatdist.tasks.evaluate import preserved_rng
 
 log = logging.getLogger("qatdist")
@@ -71,21 +72,23 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
     return _qat_model(qat, rebuild(qat.prepared, names), names)
 
 
-def _log_outcome(result: BudgetResult) -> None:
-    drop = result.fp32_top1 - result.int8_top1
+def _log_outcome(result: BudgetResult, metric: str) -> None:
+    drop = result.fp32_score - result.int8_score
     layers = result.fp32_fallback_layers or "no layer"
     if result.accuracy_budget_met:
         log.info(
-            "accuracy budget met: int8 drop %.4f <= %.4f with %s in fp32",
+            "accuracy budget met: int8 %s drop %.4f <= %.4f with %s in fp32",
+            metric,
             drop,
             result.accuracy_budget,
             layers,
         )
         return
     log.warning(
-        "accuracy budget NOT met: int8 drop %.4f > %.4f; the best model found (%s in fp32) is "
-        "saved. Raise quant.sensitivity_candidates or quant.fallback_finetune_steps, or accept "
-        "a larger quant.max_accuracy_drop.",
+        "accuracy budget NOT met: int8 %s drop %.4f > %.4f; the best model found (%s in fp32) "
+        "is saved. Raise quant.sensitivity_candidates or quant.fallback_finetune_steps, or "
+        "accept a larger quant.max_accuracy_drop.",
+        metric,
         drop,
         result.accuracy_budget,
         layers,
@@ -93,83 +96,96 @@ def _log_outcome(result: BudgetResult) -> None:
 
 
 class AccuracyBudget:
-    """The budget search of one run (`cfg.quant.max_accuracy_drop >= 0`), see the module
+    """The budget search of one run (`quant.max_accuracy_drop >= 0`), see the module
     docstring."""
 
-    def __init__(self, cfg: Config, env: DistEnv):
-        self.cfg, self.env = cfg, env
+    def __init__(
+        self,
+        task: Task,
+        quant_cfg: QuantConfig,
+        env: DistEnv,
+        *,
+        val_batches: Callable[[int], Iterable],
+        train_batches: Callable[[int, int], Iterable],
+        optim_cfg: OptimConfig,
+        peak_lr: float,
+        grad_compression: str,
+        image_size: int,
+        batch_size: int,
+        latency_iters: int,
+        compiled: bool,
+    ):
+        """`val_batches(n)`: the whole val set in batches of n (`data.full_val_batches`);
+        `train_batches(steps, seed)`: this rank's train batches for the fine-tuning after each
+        layer goes to fp32, built with `optim_cfg` at the rate the run ended with relative to
+        `peak_lr` (train.lr), gradients all-reduced as `grad_compression` says; `batch_size`
+        and `latency_iters` size the evaluation and the latency cost (measured compiled when
+        `compiled`, else not at all)."""
+        self.task, self.quant_cfg, self.env = task, quant_cfg, env
+        self.val_batches, self.train_batches = val_batches, train_batches
+        self.optim_cfg, self.peak_lr, self.grad_compression = optim_cfg, peak_lr, grad_compression
+        self.image_size, self.batch_size = image_size, batch_size
+        self.latency_iters, self.compiled = latency_iters, compiled
 
     @property
     def enabled(self) -> bool:
-        return self.cfg.quant.max_accuracy_drop >= 0
-
-    def _val(self, batch_size: int):
-        return data.val_batches(self.cfg.data, batch_size=batch_size, rank=0, world_size=1)
+        return self.quant_cfg.max_accuracy_drop >= 0
 
     def apply(
-        self, qat: QatModel, fp32_top1: float | None, *, finetune_lr: float
+        self, qat: QatModel, fp32_value: float | None, *, finetune_lr: float, seed: int
     ) -> tuple[QatModel, dict]:
         """Collective: the QAT model to convert and the report fields (empty when the budget
-        is off). `qat` must be synced; it is left unchanged. `fp32_top1` is the run's baseline
-        (measured by the search when None); `finetune_lr` the learning rate of
-        `quant.fallback_finetune_steps` (the run's last)."""
+        is off). `qat` must be synced; it is left unchanged. `fp32_value` is the run's fp32
+        baseline of the task's primary metric (measured by the search when None);
+        `finetune_lr` the learning rate of `quant.fallback_finetune_steps` (the run's last),
+        `seed` the seed of their train batches."""
         if not self.enabled:
             return qat, {}
-        cfg, bs = self.cfg, self.cfg.runtime.latency_batch_size
-        size = cfg.data.image_size
+        bs, size, task = self.batch_size, self.image_size, self.task
         calibration = []
-        for batch in self._val(bs):
+        for batch in self.val_batches(bs):
             calibration.append(batch.images)
             if len(calibration) == CALIBRATION_BATCHES:
                 break
         example = torch.randn(bs, 3, size, size, generator=torch.Generator().manual_seed(0))
         latency_cost = (
-            CompiledLatencyCost(example, iters=cfg.runtime.latency_iters)
-            if cfg.runtime.compile_final
-            else None
+            CompiledLatencyCost(example, iters=self.latency_iters) if self.compiled else None
         )
-        rebuild = make_rebuilder(_rebuildable_fp32(qat), example[:2], cfg.quant, phase=qat.phase)
-        log.info("accuracy budget %.4f: measuring the int8 model", cfg.quant.max_accuracy_drop)
+        quant_cfg = self.quant_cfg
+        rebuild = make_rebuilder(_rebuildable_fp32(qat), example[:2], quant_cfg, phase=qat.phase)
+        log.info("accuracy budget %.4f: measuring the int8 model", quant_cfg.max_accuracy_drop)
+        sign = 1.0 if task.higher_is_better else -1.0
         with preserved_rng(), qat.evaluating() as prepared:
             result = meet_accuracy_budget(
                 prepared,
-                cfg.quant,
+                quant_cfg,
                 rebuild=rebuild,
-                evaluate=full_val_top1(lambda: self._val(bs), pad_to=bs),
+                evaluate=full_val_score(task, lambda: self.val_batches(bs), pad_to=bs),
                 calibration_batches=calibration,
-                fp32_top1=fp32_top1,
+                fp32_score=None if fp32_value is None else sign * fp32_value,
                 latency_cost=latency_cost,
-                finetune=functools.partial(self._finetune, lr=finetune_lr),
+                finetune=functools.partial(self._finetune, lr=finetune_lr, seed=seed),
             )
-        fields = result.to_report()
-        # finalize measures int8_top1 (compiled) and fp32_top1 is the baseline's
-        del fields["int8_top1"], fields["fp32_top1"]
+        # finalize measures the int8 value (compiled); the fp32 one is the baseline's
+        fields = result.to_report(task.metric)
         fields["budget_candidates_per_rank"] = fields.pop("candidates_evaluated_per_rank")
         if self.env.is_rank0:  # every rank holds the same result
-            _log_outcome(result)
+            _log_outcome(result, task.metric)
         if result.model is qat.prepared:
             return qat, fields
-        names = [*cfg.quant.fp32_module_names, *result.fp32_fallback_layers]
+        names = [*quant_cfg.fp32_module_names, *result.fp32_fallback_layers]
         return _qat_model(qat, result.model, names), fields
 
-    def _finetune(self, model: torch.fx.GraphModule, steps: int, *, lr: float) -> None:
+    def _finetune(self, model: torch.fx.GraphModule, steps: int, *, lr: float, seed: int) -> None:
         """`steps` QAT steps of `model` on this rank's train batches (a fresh optimizer and DDP
         wrapper at the run's last learning rate), then a statistics sync. Collective."""
-        cfg, env = self.cfg, self.env
-        ddp = wrap_ddp(model, cfg.runtime.grad_compression)
-        optimizer = build_optimizer(model.parameters(), cfg)
-        scale = lr / cfg.train.lr
+        ddp = wrap_ddp(model, self.grad_compression)
+        optimizer = build_optimizer(model.parameters(), self.optim_cfg, lr=self.peak_lr)
+        scale = lr / self.peak_lr
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: scale)
-        batches = data.train_batches(
-            cfg.data,
-            batch_size=cfg.train.batch_size,
-            steps=steps,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.train.seed + 2,  # neither the training order's nor the PTQ calibration's
-            epoch=0,
-        )
+        # neither the training order's seed nor the PTQ calibration's
+        batches = self.train_batches(steps, seed + 2)
         with preserved_rng():
             for batch in batches:
-                train_step(ddp, optimizer, scheduler, batch.images, batch.labels)
+                train_step(ddp, optimizer, scheduler, self.task, batch.images, batch.target)
         sync_quant_stats(model)

@@ -26,7 +26,9 @@ from qatdist.finish.finalize import FinalCheckFailed, QuantizationIncomplete, fi
 from qatdist.quant import QatModel
 from qatdist.run.checkpoint import CheckpointError, find_complete, read_manifest, read_model_state
 from qatdist.run.folder import RunFolder
-from qatdist.tasks.evaluate import count_correct
+from qatdist.run.report import metric_key
+from qatdist.tasks import Task, build_task
+from qatdist.tasks.evaluate import accumulate
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ class ExportError(Exception):
 @dataclasses.dataclass
 class LoadedRun:
     cfg: config.Config
+    task: Task
     qat: QatModel  # holding the checkpoint's model state (and the phase that state holds)
     checkpoint: Path
     step: int
@@ -80,6 +83,10 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> LoadedRun:
 
     Raises ExportError naming what is missing or corrupt."""
     cfg = load_config(run_dir)
+    try:
+        task = build_task(cfg.task, cfg.data)
+    except config.ConfigError as e:
+        raise ExportError(f"{RunFolder(run_dir).resolved_config}: {e}") from e
     folder = find_checkpoint(run_dir, checkpoint)
     try:
         manifest = read_manifest(folder)
@@ -104,7 +111,7 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> LoadedRun:
             f"{folder / 'model.pt'}: does not fit the model built from "
             f"{RunFolder(run_dir).resolved_config.name} ({e})"
         ) from e
-    return LoadedRun(cfg, qat, folder, manifest["step"], manifest["world_size"])
+    return LoadedRun(cfg, task, qat, folder, manifest["step"], manifest["world_size"])
 
 
 def training_fields(trainer_report: Path, step: int) -> dict:
@@ -142,13 +149,9 @@ def export_run(
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"--out {out_dir} exists and is not a folder")
     run = load_run(run_dir, checkpoint)
-    cfg = run.cfg
-
-    def val(batch_size: int):
-        return data.val_batches(cfg.data, batch_size=batch_size, rank=0, world_size=1)
-
-    try:
-        val(1)  # names missing val shards now, before anything is built
+    cfg, task = run.cfg, run.task
+    try:  # names missing val shards now, before anything is built
+        val = data.full_val_batches(cfg.data, task)
     except config.ConfigError as e:
         raise ExportError(f"{RunFolder(run_dir).resolved_config}: {e}") from e
     report = training_fields(RunFolder(run_dir).final_report, run.step)
@@ -156,10 +159,10 @@ def export_run(
     try:
         log.info("evaluating the weights in float")
         with qat.evaluating(fake_quant=False) as model:
-            fp32_correct, seen = count_correct(model, val(max(batch_sizes)))
+            fp32 = accumulate(task, model, val(max(batch_sizes))).compute()[task.metric]
         with qat.evaluating() as model:  # observers stay paused through finalize
             log.info("evaluating the fake-quant model")
-            correct, seen = count_correct(model, val(max(batch_sizes)))
+            fake_quant = accumulate(task, model, val(max(batch_sizes))).compute()[task.metric]
     except data.DataError as e:
         raise ExportError(f"validation data: {e}") from e
     with qat.evaluating() as model:
@@ -172,13 +175,14 @@ def export_run(
             "run_dir": str(run_dir),
             "produced_by": "scripts/export_final.py",
             "formats": ["pt2", *(f for f in ("aoti", "openvino") if f in formats)],
-            "fp32_fake_quant_top1": correct / seen if seen else 0.0,
-            "fp32_top1": fp32_correct / seen if seen else 0.0,
+            metric_key("fp32_fake_quant", task.metric): fake_quant,
+            metric_key("fp32", task.metric): fp32,
         }
         try:
             return finalize(
                 model,
                 qat.fp32_model,
+                task,
                 val,
                 image_size=cfg.data.image_size,
                 batch_sizes=batch_sizes,

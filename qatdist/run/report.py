@@ -5,6 +5,11 @@
 `report_fields(...)` (an unknown key or a value of the wrong type is an error naming it) and
 `with_derived(...)`; readers go through `field(report, name)`, which refuses unregistered names.
 `keys_markdown()` renders the registry for the README / docs.
+
+The task's primary metric `<m>` (the report's `metric`; classification: `top1`) is written as
+`<baseline>_<m>` for each of `METRIC_BASELINES`: classification's `*_top1` keys are registered
+by name; another task's are accepted when the report's `metric` names them, and read with
+`metric_field(report, baseline)`.
 """
 
 from __future__ import annotations
@@ -20,9 +25,34 @@ class ReportKey:
     meaning: str
 
 
+# What each `<baseline>_<metric>` key measures (the task's primary metric on the val shards).
+METRIC_BASELINES = {
+    "start_fp32": "the model of `model.weights` as given, before any step",
+    "fp32": "final weights in float: fake quant and observers off, BN in eval",
+    "ptq_int8": "post-training int8 of the float model at fake_quant_start_step",
+    "ptq_fp32": "the float model that the PTQ baseline quantized, in float",
+    "fp32_fake_quant": "final prepared QAT model (fake quant as trained)",
+    "int8": "converted int8 model compiled by Inductor (eager when not compiled)",
+    "int8_reference": "converted int8 model, eager q/dq reference graph",
+    "int8_aoti": "int8 AOTInductor package",
+    "int8_openvino": "int8 OpenVINO IR (export_final --formats openvino)",
+}
+CLASSIFICATION_METRIC = "top1"
+
+
+def metric_key(baseline: str, metric: str) -> str:
+    """The report key of `baseline`'s value of the task's primary `metric` (e.g. int8_top1)."""
+    if baseline not in METRIC_BASELINES:
+        raise KeyError(f"{baseline!r} is not one of the report's metric baselines")
+    return f"{baseline}_{metric}"
+
+
 _KEYS = [
     # The run
     ("model", "str", "model.name: torchvision model name or factory"),
+    ("task", "str", "task.name: what the model predicts (classification, or a user task)"),
+    ("metric", "str", "the task's primary metric, the <m> of every <baseline>_<m> key"),
+    ("higher_is_better", "bool", "whether a larger primary metric is better"),
     (
         "weights_source",
         "dict | None",
@@ -68,56 +98,75 @@ _KEYS = [
         "teacher is the model as built (or no distillation)",
     ),
     ("eval_history", "list[dict]", "every evaluation during training, in step order"),
-    # Accuracy: baselines and the int8 model (top-1 in [0, 1] on the validation shards)
-    ("start_fp32_top1", "float", "the model of `model.weights` as given, before any step"),
-    ("fp32_top1", "float", "final weights in float: fake quant and observers off, BN in eval"),
-    ("ptq_int8_top1", "float", "post-training int8 of the float model at fake_quant_start_step"),
-    ("ptq_fp32_top1", "float", "the float model that ptq_int8_top1 quantized, in float"),
-    ("fp32_fake_quant_top1", "float", "final prepared QAT model (fake quant as trained)"),
-    ("int8_top1", "float", "converted int8 model compiled by Inductor (eager when not compiled)"),
-    ("int8_reference_top1", "float", "converted int8 model, eager q/dq reference graph"),
-    ("int8_aoti_top1", "float", "int8 AOTInductor package"),
-    ("qat_gain_over_ptq", "float", "int8_top1 - ptq_int8_top1: what QAT bought over PTQ"),
-    ("int8_drop_vs_fp32", "float", "fp32_top1 - int8_top1: what quantization costs"),
-    ("int8_eval_samples", "int", "validation samples behind the int8 top-1 and agreements"),
+    # Accuracy: baselines and the int8 model (classification: top-1 in [0, 1] on the
+    # validation shards; another task writes <baseline>_<its metric> alike)
+    *(
+        (metric_key(baseline, CLASSIFICATION_METRIC), "float", meaning)
+        for baseline, meaning in METRIC_BASELINES.items()
+    ),
+    (
+        "qat_gain_over_ptq",
+        "float",
+        "int8 - PTQ int8 value of the primary metric (int8_top1 - ptq_int8_top1), signed so that "
+        "positive is better: what QAT bought over PTQ",
+    ),
+    (
+        "int8_drop_vs_fp32",
+        "float",
+        "fp32 - int8 value of the primary metric (fp32_top1 - int8_top1), signed so that "
+        "positive is worse: what quantization costs",
+    ),
+    ("int8_eval_samples", "int", "validation samples behind the int8 metric and agreements"),
     (
         "int8_compiled_agreement",
         "float | None",
-        "top-1 agreement of the compiled int8 model with the eager reference over the comparable"
-        " samples (null when none is comparable)",
+        "agreement of the compiled int8 model's predictions with the eager reference's over the "
+        "comparable ones, by the task's rule (classification: top-1 where the reference's top-2 "
+        "logit margin exceeds int8_compiled_max_abs_logit_diff); null when none is comparable",
     ),
+    ("int8_compiled_comparable_samples", "int", "predictions the agreement could judge"),
     (
-        "int8_compiled_comparable_samples",
-        "int",
-        "samples whose reference top-2 logit margin exceeds int8_compiled_max_abs_logit_diff",
-    ),
-    ("int8_compiled_max_abs_logit_diff", "float", "max |logit difference|, compiled vs reference"),
-    (
-        "int8_reference_logit_scale",
+        "int8_compiled_max_abs_logit_diff",
         "float",
-        "largest |logit| of the converted reference over the validation samples: a compiled or "
-        "AOTI max |logit difference| above 5% of it fails the run (finish/finalize.py)",
+        "max |difference| of the task's predictions (classification: logits), compiled vs "
+        "reference",
+    ),
+    (
+        "int8_compiled_output_scale",
+        "float",
+        "max |value| of the reference's predictions: the scale int8_compiled_max_abs_logit_diff "
+        "is judged against",
     ),
     ("int8_aoti_agreement", "float | None", "as int8_compiled_agreement, for the AOTI package"),
     ("int8_aoti_comparable_samples", "int", "as int8_compiled_comparable_samples, for AOTI"),
-    ("int8_aoti_max_abs_logit_diff", "float", "max |logit difference|, AOTI vs reference"),
-    ("int8_openvino_top1", "float", "int8 OpenVINO IR (export_final --formats openvino)"),
+    ("int8_aoti_max_abs_logit_diff", "float", "max |prediction difference|, AOTI vs reference"),
+    ("int8_aoti_output_scale", "float", "as int8_compiled_output_scale, for AOTI"),
     ("int8_openvino_agreement", "float | None", "as int8_compiled_agreement, for OpenVINO"),
     ("int8_openvino_comparable_samples", "int", "as int8_compiled_comparable_samples, OpenVINO"),
-    ("int8_openvino_max_abs_logit_diff", "float", "max |logit difference|, OpenVINO vs reference"),
+    (
+        "int8_openvino_max_abs_logit_diff",
+        "float",
+        "max |prediction difference|, OpenVINO vs reference",
+    ),
+    ("int8_openvino_output_scale", "float", "as int8_compiled_output_scale, for OpenVINO"),
     (
         "openvino_int8_kernels",
         "list[int]",
         "[int8, all] convolution/fully-connected layers in OpenVINO's runtime model",
     ),
-    ("accuracy_budget", "float", "quant.max_accuracy_drop the run had to meet (-1 = off)"),
+    (
+        "accuracy_budget",
+        "float",
+        "quant.max_accuracy_drop the run had to meet, in the primary metric (-1 = off)",
+    ),
     ("accuracy_budget_met", "bool", "int8_drop_vs_fp32 <= accuracy_budget"),
     ("fp32_fallback_layers", "list[str]", "layers moved to fp32 to meet the accuracy budget"),
     (
         "sensitivity",
         "list[dict]",
         "per quantized layer, lowest SQNR first: layer, sqnr_db (error it adds in int8), "
-        "top1_gain_when_float and latency_cost_ms (null when not a measured candidate)",
+        "<metric>_gain_when_float (e.g. top1_gain_when_float; signed so that positive is "
+        "better) and latency_cost_ms (null when not a measured candidate)",
     ),
     ("budget_candidates_per_rank", "list[int]", "budget-search candidates each rank evaluated"),
     # Quantization coverage
@@ -128,8 +177,6 @@ _KEYS = [
     ("quantized_ops", "dict", "quantized conv/linear calls per lowered code: inductor, aoti"),
     ("quantized_conv_count", "int | None", "quantized convolutions in Inductor's code"),
     ("quantized_linear_count", "int | None", "quantized linears in Inductor's code"),
-    ("linears_quantized", "int | None", "alias of quantized_linear_count"),
-    ("linears_present", "int", "alias of fp32_linear_layers"),
     ("quantization_complete", "bool", "every annotated conv/linear runs an int8 kernel"),
     ("unquantized_layers", "list[str]", "annotated layers left in float by the lowering"),
     (
@@ -200,29 +247,57 @@ def _type_ok(type_name: str, value: object) -> bool:
     )
 
 
+def _task_metric_keys(metric: object) -> set[str]:
+    """The `<baseline>_<metric>` keys of a task's primary metric (none for an unnamed one)."""
+    if not isinstance(metric, str) or not metric:
+        return set()
+    return {metric_key(baseline, metric) for baseline in METRIC_BASELINES}
+
+
 def report_fields(**fields: object) -> dict:
-    """`fields` as a report dict, each name checked against `REPORT_KEYS` and each value
+    """`fields` as a report dict, each name checked against `REPORT_KEYS` (or, for a task's own
+    metric, `<baseline>_<metric>` with the `metric` given among the fields) and each value
     against its type. Raises KeyError naming an unregistered key, TypeError naming a value of
     the wrong type. The keys and their meanings are listed below (`keys_markdown()`)."""
+    metric_keys = _task_metric_keys(fields.get("metric"))
     for name, value in fields.items():
-        if name not in REPORT_KEYS:
+        if name in metric_keys and name not in REPORT_KEYS:
+            expected = "float"
+        elif name in REPORT_KEYS:
+            expected = REPORT_KEYS[name].type
+        else:
             raise KeyError(f"report key {name!r} is not registered in qatdist.run.report")
-        if not _type_ok(REPORT_KEYS[name].type, value):
-            raise TypeError(
-                f"report key {name!r}: expected {REPORT_KEYS[name].type}, got {value!r}"
-            )
+        if not _type_ok(expected, value):
+            raise TypeError(f"report key {name!r}: expected {expected}, got {value!r}")
     return dict(fields)
+
+
+def primary_metric(report: dict) -> str:
+    """The report's primary metric name; `top1` for a report written before tasks existed
+    (classification was then the only task)."""
+    return report.get("metric") or CLASSIFICATION_METRIC
+
+
+def metric_field(report: dict, baseline: str) -> float | None:
+    """`<baseline>_<metric>` of the report's primary metric, None when absent."""
+    return report.get(metric_key(baseline, primary_metric(report)))
+
+
+def _better_by(report: dict, value: float, than: float) -> float:
+    """How much better `value` is than `than` in the primary metric (positive: better)."""
+    return value - than if report.get("higher_is_better", True) else than - value
 
 
 def with_derived(report: dict) -> dict:
     """`report` (checked) with the keys computed from others, when their inputs are present:
-    qat_gain_over_ptq, int8_drop_vs_fp32, accuracy_budget_met, int8_slower_than_fp32."""
+    qat_gain_over_ptq, int8_drop_vs_fp32 (both from the primary metric), accuracy_budget_met,
+    int8_slower_than_fp32."""
     report = report_fields(**report)
-    int8, ptq, fp32 = (report.get(k) for k in ("int8_top1", "ptq_int8_top1", "fp32_top1"))
+    int8, ptq, fp32 = (metric_field(report, k) for k in ("int8", "ptq_int8", "fp32"))
     if int8 is not None and ptq is not None:
-        report["qat_gain_over_ptq"] = int8 - ptq
+        report["qat_gain_over_ptq"] = _better_by(report, int8, ptq)
     if int8 is not None and fp32 is not None:
-        report["int8_drop_vs_fp32"] = fp32 - int8
+        report["int8_drop_vs_fp32"] = _better_by(report, fp32, int8)
     budget = report.get("accuracy_budget")
     if budget is not None and budget >= 0 and "int8_drop_vs_fp32" in report:
         report["accuracy_budget_met"] = report["int8_drop_vs_fp32"] <= budget
@@ -269,27 +344,36 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 _BASELINES = (
-    ("start_fp32_top1", "fp32, weights as given (before training)"),
-    ("fp32_top1", "fp32, final weights"),
-    ("ptq_fp32_top1", "fp32 at the PTQ step"),
-    ("ptq_int8_top1", "PTQ int8 (no QAT)"),
-    ("int8_top1", "QAT int8"),
-    ("qat_gain_over_ptq", "QAT gain over PTQ"),
-    ("int8_drop_vs_fp32", "int8 drop vs fp32"),
+    ("start_fp32", "fp32, weights as given (before training)"),
+    ("fp32", "fp32, final weights"),
+    ("ptq_fp32", "fp32 at the PTQ step"),
+    ("ptq_int8", "PTQ int8 (no QAT)"),
+    ("int8", "QAT int8"),
 )
+_DERIVED = (("qat_gain_over_ptq", "QAT gain over PTQ"), ("int8_drop_vs_fp32", "int8 drop vs fp32"))
+
+
+def metric_label(report: dict) -> str:
+    """The primary metric as a reader says it: 'top-1' for top1, else its name."""
+    metric = primary_metric(report)
+    return "top-1" if metric == CLASSIFICATION_METRIC else metric
 
 
 def baseline_rows(report: dict) -> list[tuple[str, str]]:
-    """(label, value) of each baseline present: fp32, PTQ int8, QAT int8, gain, drop. Empty
-    when the report has neither fp32_top1 nor ptq_int8_top1 (nothing to compare with)."""
-    if field(report, "fp32_top1") is None and field(report, "ptq_int8_top1") is None:
+    """(label, value) of each baseline of the primary metric present: fp32, PTQ int8, QAT int8,
+    gain, drop. Empty when the report has neither the fp32 nor the PTQ int8 value (nothing to
+    compare with)."""
+    if metric_field(report, "fp32") is None and metric_field(report, "ptq_int8") is None:
         return []
     rows = []
-    for name, label in _BASELINES:
+    for baseline, label in _BASELINES:
+        value = metric_field(report, baseline)
+        if value is not None:
+            rows.append((label, f"{value:.4f}"))
+    for name, label in _DERIVED:
         value = field(report, name)
         if value is not None:
-            signed = name in ("qat_gain_over_ptq", "int8_drop_vs_fp32")
-            rows.append((label, f"{value:+.4f}" if signed else f"{value:.4f}"))
+            rows.append((label, f"{value:+.4f}"))
     return rows
 
 
@@ -307,10 +391,14 @@ def _agreement_sentence(report: dict) -> str:
             f"{_fmt(field(report, f'{prefix}_comparable_samples'))} comparable sample(s), max "
             f"|logit difference| {_fmt(field(report, f'{prefix}_max_abs_logit_diff'), 6)}"
         )
+    rule = (
+        "Top-1 agreement with the converted model, judged where its top-2 logit margin exceeds "
+        "the max |logit difference|"
+        if primary_metric(report) == CLASSIFICATION_METRIC
+        else "Agreement with the converted model, by the task's rule"
+    )
     return (
-        f"Samples: {_fmt(field(report, 'int8_eval_samples'))}. Top-1 agreement with the "
-        "converted model, judged where its top-2 logit margin exceeds the max |logit "
-        f"difference|: {'; '.join(parts) or '-'}."
+        f"Samples: {_fmt(field(report, 'int8_eval_samples'))}. {rule}: {'; '.join(parts) or '-'}."
     )
 
 
@@ -328,7 +416,8 @@ def _baselines_md(report: dict) -> list[str]:
     rows = baseline_rows(report)
     if not rows:
         return []
-    lines = ["## Baselines (top-1)", "", "| model | top-1 |", "| --- | --- |"]
+    label = metric_label(report)
+    lines = [f"## Baselines ({label})", "", f"| model | {label} |", "| --- | --- |"]
     return [*lines, *(f"| {label} | {value} |" for label, value in rows), ""]
 
 
@@ -377,7 +466,7 @@ def budget_sentence(report: dict) -> str | None:
     layers = ", ".join(field(report, "fp32_fallback_layers") or []) or "none"
     met = "met" if field(report, "accuracy_budget_met") else "NOT met"
     return (
-        f"Accuracy budget {budget:.4f} (fp32 - int8 top-1) {met}: int8 drop "
+        f"Accuracy budget {budget:.4f} (fp32 - int8 {metric_label(report)}) {met}: int8 drop "
         f"{_fmt(field(report, 'int8_drop_vs_fp32'))}; layers kept in fp32 for it: {layers}."
     )
 
@@ -387,12 +476,13 @@ def sensitivity_markdown(report: dict) -> str | None:
     rows = field(report, "sensitivity")
     if not rows:
         return None
+    gain = f"{primary_metric(report)}_gain_when_float"
     lines = [
-        "| layer | SQNR dB | top-1 gain when float | latency cost ms |",
+        f"| layer | SQNR dB | {metric_label(report)} gain when float | latency cost ms |",
         "| --- | --- | --- | --- |",
     ]
     lines += [
-        f"| {row['layer']} | {_fmt(row['sqnr_db'], 2)} | {_fmt(row['top1_gain_when_float'])} "
+        f"| {row['layer']} | {_fmt(row['sqnr_db'], 2)} | {_fmt(row.get(gain))} "
         f"| {_fmt(row['latency_cost_ms'], 3)} |"
         for row in rows
     ]
@@ -460,6 +550,8 @@ def markdown(report: dict) -> str:
     """`report.md`: baselines, accuracy, the accuracy budget and sensitivity table (when the
     run had one), latency/throughput per batch size, quantized op counts, machine."""
     f = lambda name: field(report, name)  # noqa: E731
+    m = lambda baseline: metric_field(report, baseline)  # noqa: E731
+    label = metric_label(report)
     lines = [
         f"# Final int8 report: {f('model') or '?'}",
         "",
@@ -468,17 +560,17 @@ def markdown(report: dict) -> str:
         "",
         *_weights_md(report),
         *_baselines_md(report),
-        "## Accuracy (top-1 on the validation shards)",
+        f"## Accuracy ({label} on the validation shards)",
         "",
-        "| model | top-1 |",
+        f"| model | {label} |",
         "| --- | --- |",
-        f"| fp32 fake-quant (prepared QAT model) | {_fmt(f('fp32_fake_quant_top1'))} |",
-        f"| int8 converted, eager reference | {_fmt(f('int8_reference_top1'))} |",
-        f"| int8 compiled (Inductor, freezing) | {_fmt(f('int8_top1'))} |",
-        f"| int8 AOTInductor package | {_fmt(f('int8_aoti_top1'))} |",
+        f"| fp32 fake-quant (prepared QAT model) | {_fmt(m('fp32_fake_quant'))} |",
+        f"| int8 converted, eager reference | {_fmt(m('int8_reference'))} |",
+        f"| int8 compiled (Inductor, freezing) | {_fmt(m('int8'))} |",
+        f"| int8 AOTInductor package | {_fmt(m('int8_aoti'))} |",
         *(
-            [f"| int8 OpenVINO IR | {_fmt(f('int8_openvino_top1'))} |"]
-            if f("int8_openvino_top1") is not None
+            [f"| int8 OpenVINO IR | {_fmt(m('int8_openvino'))} |"]
+            if m("int8_openvino") is not None
             else []
         ),
         "",

@@ -13,7 +13,7 @@ know nothing of "top-1" or "cross-entropy". A task says
   a dict with the primary metric (`Task.metric`) first;
 - how two models' outputs are compared for agreement (compiled int8 against its reference).
 
-Built-in tasks are named by `task.name` (`classification`, `segmentation`); a user's own task is
+Built-in tasks are named by `task.name` (`qatdist.config.BUILTIN_TASKS`); a user's own task is
 `task.name = "package.module:function"` or `"path/to/file.py:function"`, a function called as
 `function(task_cfg, data_cfg)` that returns a Task (docs/tasks.md).
 """
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
 from qatdist.data.shards import RawSample
 
@@ -77,7 +78,8 @@ class Task(abc.ABC):
     name: str
     """The task's name as written into the report (`task`)."""
     metric: str
-    """The primary metric's name (`top1`, `miou`): report keys are `<baseline>_<metric>`."""
+    """The primary metric's name (classification: top-1; segmentation: miou): report keys are
+    `<baseline>_<metric>`."""
     higher_is_better: bool = True
 
     # --- data -------------------------------------------------------------------------------
@@ -101,15 +103,12 @@ class Task(abc.ABC):
         """`f(image, target) -> (input, target)`: the deterministic evaluation transform."""
 
     def collate(self, inputs: list, targets: list) -> tuple[torch.Tensor, Target]:
-        """One batch from transformed samples; the default stacks both."""
-        return (
-            torch.from_numpy(np.stack(inputs))
-            if isinstance(inputs[0], np.ndarray)
-            else torch.stack(inputs),
-            torch.as_tensor(np.stack(targets))
-            if not torch.is_tensor(targets[0])
-            else torch.stack(targets),
-        )
+        """One batch from transformed samples: the inputs stacked into one contiguous tensor,
+        the targets by `torch.utils.data.default_collate` (ints -> an int64 tensor, arrays ->
+        a stacked tensor). A task whose targets differ in shape per sample (a detector's boxes)
+        overrides it, e.g. to keep a list."""
+        stacked = np.stack([np.asarray(x) for x in inputs])
+        return torch.from_numpy(np.ascontiguousarray(stacked)), default_collate(targets)
 
     # --- the model --------------------------------------------------------------------------
 
@@ -121,7 +120,8 @@ class Task(abc.ABC):
 
     @abc.abstractmethod
     def predictions(self, outputs: Outputs) -> torch.Tensor:
-        """The main prediction tensor in `outputs` (the logits; `out` of a dict)."""
+        """The main prediction tensor in `outputs` (the logits; `out` of a dict): what the
+        final checks compare between two calls and what `reference_io.pt` keeps."""
 
     @abc.abstractmethod
     def loss(self, outputs: Outputs, target: Target) -> torch.Tensor:
@@ -131,7 +131,10 @@ class Task(abc.ABC):
     def distill_loss(
         self, outputs: Outputs, teacher_outputs: Outputs, temperature: float
     ) -> torch.Tensor:
-        """The distillation term from a frozen teacher's outputs on the same inputs."""
+        """The divergence of the student's `outputs` from a frozen teacher's on the same
+        inputs, both softened by `temperature` (classification: KL of the softmaxes). The
+        trainer blends it Hinton's way: (1 - w) * loss + w * T^2 * distill_loss (the T^2 keeps
+        the gradient scale independent of T)."""
 
     # --- scoring ----------------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""Top-1 evaluation and latency measurement."""
+"""Evaluation through a task's metric (one rank, or summed over every rank with one
+collective) and latency measurement."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from qatdist.distributed import all_reduce_sum
+from qatdist.tasks.base import Metric, Outputs, Task
 
 
 @contextlib.contextmanager
@@ -37,35 +39,52 @@ def pad_batch(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([images, images.new_zeros((size - images.shape[0], *images.shape[1:]))])
 
 
-def count_correct(
-    forward: Callable[[torch.Tensor], torch.Tensor],
+def first(outputs: Outputs, n: int) -> Outputs:
+    """The first `n` samples of `outputs` (a tensor, or a dict of tensors such as `{"out",
+    "aux"}`): drops the padding `pad_batch` added."""
+    if isinstance(outputs, dict):
+        return {key: first(value, n) for key, value in outputs.items()}
+    return outputs[:n]
+
+
+def accumulate(
+    task: Task,
+    forward: Callable[[torch.Tensor], Outputs],
     batches: Iterable,
     pad_to: int | None = None,
-) -> tuple[int, int]:
-    """(correct, seen) of `forward` over `batches` of (images, labels, ...).
+) -> Metric:
+    """`task`'s metric of `forward` over `batches` of (inputs, target, ...), on this rank only.
 
     With `pad_to`, short batches are zero-padded to that size (and the padding ignored), so a
     model compiled for one static batch size is never recompiled.
     """
-    correct = seen = 0
+    metric = task.new_metric()
     with torch.no_grad():
         for batch in batches:
-            images, labels = batch[0], batch[1]
-            n = images.shape[0]
+            inputs, target = batch[0], batch[1]
+            n = inputs.shape[0]
             if n == 0:
                 continue
             if pad_to is not None:
-                images = pad_batch(images, pad_to)
-            logits = forward(images)[:n]
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            seen += n
-    return correct, seen
+                inputs = pad_batch(inputs, pad_to)
+            metric.update(first(forward(inputs), n), target)
+    return metric
 
 
-def distributed_top1(local_correct: int, local_seen: int) -> float:
-    """Top-1 over all ranks' (correct, seen) counts."""
-    correct, seen = all_reduce_sum([local_correct, local_seen])
-    return correct / seen if seen else 0.0
+def all_ranks(metric: Metric) -> dict[str, float]:
+    """`metric` summed over every rank (one all_reduce of its totals), computed: the primary
+    metric first."""
+    summed = torch.tensor(all_reduce_sum(metric.totals.tolist()), dtype=torch.float64)
+    metric.totals = summed
+    return metric.compute()
+
+
+def evaluate(
+    task: Task, forward: Callable[[torch.Tensor], Outputs], batches: Iterable
+) -> dict[str, float]:
+    """The metric values of `forward` over every rank's share of `batches` (collective: every
+    rank calls it with its own share); the primary metric first."""
+    return all_ranks(accumulate(task, forward, batches))
 
 
 def side_by_side_latency_ms(
@@ -86,56 +105,3 @@ def side_by_side_latency_ms(
                 if i >= warmup:
                     times[name].append(elapsed * 1000.0)
     return {name: statistics.median(values) for name, values in times.items()}
-
-
-def top2_margin(logits: torch.Tensor) -> torch.Tensor:
-    """Per sample, the gap between the largest and the second-largest logit."""
-    top2 = logits.float().topk(2, dim=1).values
-    return top2[:, 0] - top2[:, 1]
-
-
-class DecidedAgreement:
-    """Top-1 agreement of a model with a reference, judged only where the reference decided.
-
-    Two implementations of one int8 model (reference q/dq graph, Inductor kernels, AOTI) round
-    differently by vendor and CPU; where the reference's top-2 logits are closer than the
-    measured logit difference, either argmax is a legitimate answer. A sample is *comparable*
-    when the reference's top-2 margin exceeds the max |logit difference| measured over all the
-    samples seen (the number reported beside it). Feed batches with `update`; read `result()`.
-    """
-
-    def __init__(self) -> None:
-        self._margins: list[torch.Tensor] = []
-        self._same: list[torch.Tensor] = []
-        self.max_abs_logit_diff = 0.0
-
-    def update(self, ref_logits: torch.Tensor, other_logits: torch.Tensor) -> None:
-        if ref_logits.shape != other_logits.shape or ref_logits.dim() != 2:
-            raise ValueError(
-                f"logits of shape {tuple(ref_logits.shape)} and {tuple(other_logits.shape)}: "
-                "expected two equal (samples, classes) shapes"
-            )
-        if ref_logits.shape[0] == 0:
-            return
-        diff = float((other_logits.float() - ref_logits.float()).abs().max())
-        self.max_abs_logit_diff = max(self.max_abs_logit_diff, diff)
-        self._margins.append(top2_margin(ref_logits))
-        self._same.append(other_logits.argmax(dim=1) == ref_logits.argmax(dim=1))
-
-    def result(self) -> tuple[int, int]:
-        """(agreeing, comparable) sample counts."""
-        if not self._margins:
-            return 0, 0
-        decided = torch.cat(self._margins) > self.max_abs_logit_diff
-        return int((torch.cat(self._same) & decided).sum()), int(decided.sum())
-
-
-def agreement_where_decided(
-    ref_logits: torch.Tensor, other_logits: torch.Tensor
-) -> tuple[int, int]:
-    """(agreeing, comparable) samples of `other_logits` against `ref_logits`: only samples whose
-    reference top-2 margin exceeds the max |logit difference| between the two are comparable
-    (see `DecidedAgreement`)."""
-    meter = DecidedAgreement()
-    meter.update(ref_logits, other_logits)
-    return meter.result()
