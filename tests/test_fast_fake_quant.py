@@ -19,9 +19,10 @@ from torchao.quantization.pt2e.observer import (
 )
 
 from qatdist.config import QuantConfig
+from qatdist.quant import schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.kernels import native_ops, schedule
+from qatdist.quant.kernels import native_ops
 from qatdist.quant.kernels.fast_fake_quant import FastFusedFakeQuantize, use_fast_fake_quant
 from qatdist.quant.prepare import prepare_qat
 

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from qatdist.config import QuantConfig
+from qatdist.quant import schedule
 from qatdist.quant.capture import capture
 from qatdist.quant.convert import convert_to_int8
-from qatdist.quant.kernels import native_ops, schedule, weight_scaling
+from qatdist.quant.kernels import native_ops, weight_scaling
 from qatdist.quant.kernels.fast_fake_quant import (
     divided_in_weight,
     scaled_weight,

@@ -16,11 +16,13 @@ from conftest import ROOT, tiny_run_args
 from safetensors.torch import save_file
 from torch import nn
 
-from qatdist import config, report, transforms
+from qatdist import config
 from qatdist.config import ConfigError, DataConfig, ModelConfig
 from qatdist.config.factories import load_factory
+from qatdist.data import transforms
 from qatdist.models import build_fp32, build_model
 from qatdist.models.weights import load_weights
+from qatdist.run import report
 
 SHARED_MODEL = ROOT.parent / "shared" / "models" / "resnet20_cifar10"
 
