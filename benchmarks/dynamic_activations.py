@@ -1,5 +1,5 @@
 """Static vs dynamic activation quantization of a QAT model's linears: is a `dynamic` option
-worth having? (issue 13; the answer and the measurements are in docs/coverage.md.)
+worth having? (The answer and the measurements are in docs/coverage.md.)
 
 Both models are prepared from the same fp32 model with X86InductorQuantizer's QAT config, one
 static (qatdist's), one with `is_dynamic=True` (activation scale and zero point computed per

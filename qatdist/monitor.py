@@ -114,7 +114,8 @@ class StepRate:
     Left out: steps flagged one-time (the first step; a QAT phase change, whose kernels compile
     once) and outliers, slower than `outlier_factor` x the lower median of the recent steps (a
     compile nobody flagged, a checkpoint). A one-time cost then does not inflate the estimate
-    for every remaining step (it once showed 14:47 at the fake-quant switch for a 2:43 run).
+    for every remaining step (a compile at the fake-quant switch would otherwise show an ETA
+    several times the run's length).
     """
 
     def __init__(self, window: int = 100, outlier_factor: float = 3.0) -> None:

@@ -22,16 +22,22 @@ def build_teacher(
     *,
     num_classes: int,
     image_size: int,
+    dense: bool = False,
+    aux_loss: bool = False,
 ) -> tuple[torch.nn.Module, WeightsSource | None]:
     """The distillation teacher and where its weights came from: `fp32_model` (the model as
     built, with model.weights; None) or, with `teacher_weights` (train.distill_teacher_weights),
     the model.name architecture with those weights, e.g. an fp32 fine-tuning of the model on the
     same data: a teacher that already knows the data rather than the student's own starting
-    point."""
+    point. `dense`, `aux_loss`: as `build_fp32`'s (the task's model kind)."""
     if not teacher_weights:
         return fp32_model, None
     teacher, _ = build_fp32(
-        dataclasses.replace(model_cfg, weights=""), num_classes, image_size=image_size
+        dataclasses.replace(model_cfg, weights=""),
+        num_classes,
+        image_size=image_size,
+        dense=dense,
+        aux_loss=aux_loss,
     )
     return teacher, load_weights(teacher, teacher_weights, "train.distill_teacher_weights")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import time
 
 import torch
@@ -28,7 +29,14 @@ from qatdist.finish.finalize import finalize
 from qatdist.guards import NonFiniteGuard
 from qatdist.monitor import Monitor
 from qatdist.optim import build_optimizer, build_scheduler
-from qatdist.quant import QatModel, QatPhase, SyncStats, fake_quant_op, phase_at
+from qatdist.quant import (
+    QatModel,
+    QatPhase,
+    SyncStats,
+    fake_quant_op,
+    inductor_can_compile,
+    phase_at,
+)
 from qatdist.quant import target as quant_target
 from qatdist.run.checkpoint import (
     Checkpointer,
@@ -42,6 +50,8 @@ from qatdist.run.report import metric_field, metric_key, metric_label, report_fi
 from qatdist.step import Distillation, build_teacher, train_step
 from qatdist.tasks import build_task
 from qatdist.tasks.evaluate import evaluate
+
+log = logging.getLogger("qatdist")
 
 
 class Trainer:
@@ -62,6 +72,7 @@ class Trainer:
         self.task = build_task(cfg.task, cfg.data)
         # CPU preflight: recorded in topology.json; rank 0 warns when int8 has no fast path.
         self.cpu_int8_capabilities = topology.cpu_int8_preflight() if env.is_rank0 else None
+        self.compile_final = cfg.runtime.compile_final and self._inductor_available()
 
         global_batch = cfg.train.batch_size * env.world_size
         self.steps_per_epoch = cfg.train.steps_per_epoch or (
@@ -92,6 +103,8 @@ class Trainer:
             num_classes=cfg.data.num_classes,
             image_size=cfg.data.image_size,
             seed=cfg.train.seed,
+            dense=self.task.dense_outputs,
+            aux_loss=self.task.aux_head,
         )
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
         self.monitor = Monitor(
@@ -119,6 +132,8 @@ class Trainer:
                 self.qat.fp32_model,
                 num_classes=cfg.data.num_classes,
                 image_size=cfg.data.image_size,
+                dense=self.task.dense_outputs,
+                aux_loss=self.task.aux_head,
             )
             self.distillation = Distillation(
                 teacher, cfg.train.distill_weight, cfg.train.distill_temperature
@@ -147,7 +162,7 @@ class Trainer:
             image_size=cfg.data.image_size,
             batch_size=cfg.runtime.latency_batch_size,
             latency_iters=cfg.runtime.latency_iters,
-            compiled=cfg.runtime.compile_final,
+            compiled=self.compile_final,
         )
         self.step = 0
         self.sync_seconds = 0.0
@@ -173,6 +188,20 @@ class Trainer:
             f"{self.steps_per_epoch} steps/epoch x {cfg.train.epochs} epochs, "
             f"{torch.get_num_threads()} thread(s) per rank"
         )
+
+    def _inductor_available(self) -> bool:
+        """Whether Inductor can compile the final model here; without a C++ compiler the run
+        still finishes, its int8 model measured uncompiled, and rank 0 says so once."""
+        missing = inductor_can_compile()
+        if missing is not None and self.env.is_rank0:
+            log.warning(
+                "%s: Inductor cannot compile the final int8 model, so it is measured uncompiled "
+                "(as with runtime.compile_final = false; the report's `compiled` is false): its "
+                "latencies are the reference graph's, not oneDNN's int8 kernels'. Install a C++ "
+                "compiler (e.g. `apt-get install g++`) or set CXX for compiled figures.",
+                missing,
+            )
+        return missing is None
 
     # --- checkpoints ----------------------------------------------------------------------
 
@@ -498,10 +527,11 @@ class Trainer:
             self.task,
             self.full_val_batches,
             image_size=cfg.data.image_size,
+            input_size=self.task.input_size(cfg.data.image_size),
             batch_sizes=[r.latency_batch_size],
             latency_iters=r.latency_iters,
             out_dir=self.run.final,
-            compile_model=r.compile_final,
+            compile_model=self.compile_final,
             aoti=False,
             openvino=r.final_openvino,
             report=report,

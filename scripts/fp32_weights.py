@@ -62,6 +62,7 @@ def fp32_state(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, Pat
     from qatdist.quant.ptq import float_weights
     from qatdist.run.checkpoint import CheckpointError, read_model_state
     from qatdist.run.folder import RunFolder
+    from qatdist.tasks import build_task
 
     cfg = load_config(run_dir)
     folder = find_checkpoint(run_dir, checkpoint)
@@ -71,11 +72,14 @@ def fp32_state(run_dir: Path, checkpoint: Path | None = None) -> tuple[dict, Pat
         raise ExportError(f"checkpoint: {e}") from e
     resolved = RunFolder(run_dir).resolved_config
     try:
+        task = build_task(cfg.task, cfg.data)  # the model's kind: per pixel, with an aux head
         # the run's own model.weights (if any) is not needed: the checkpoint holds every weight
         model = build_model(
             dataclasses.replace(cfg.model, weights=""),
             cfg.data.num_classes,
             image_size=cfg.data.image_size,
+            dense=task.dense_outputs,
+            aux_loss=task.aux_head,
         )
     except ConfigError as e:
         raise ExportError(f"{resolved}: {e}") from e

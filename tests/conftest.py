@@ -87,3 +87,62 @@ def two_rank_run(tiny_shards, tmp_path_factory) -> dict:
     report_path = out_dir / "final" / "report.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else None
     return {"result": result, "out_dir": out_dir, "report": report}
+
+
+SHARED = ROOT.parent / "shared"
+CAMVID = SHARED / "data" / "camvid"
+CAMVID_CLASSES, CAMVID_IGNORE = 11, 11
+
+
+def require_shared(path: Path) -> None:
+    """Skip when the shared data at `path` (beside the checkout) is absent; under CI=true its
+    absence is a failure, so that CI never passes by skipping."""
+    if path.is_dir():
+        return
+    message = f"needs the shared data {path} (../shared beside the checkout)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message + "; CI=true runs every test")
+    pytest.skip(message)
+
+
+def downscale_camvid(split: str, count: int, size: tuple[int, int], out: Path) -> None:
+    """The first `count` frames of a CamVid split at `size` (width, height) into
+    out/images (bilinear) and out/labels (nearest: a label map is never interpolated)."""
+    from PIL import Image
+
+    (out / "images").mkdir(parents=True)
+    (out / "labels").mkdir(parents=True)
+    for image_path in sorted((CAMVID / split / "images").glob("*.jpg"))[:count]:
+        label_path = CAMVID / split / "labels" / f"{image_path.stem}.png"
+        with Image.open(image_path) as img:
+            img.convert("RGB").resize(size, Image.Resampling.BILINEAR).save(
+                out / "images" / image_path.name, quality=95
+            )
+        with Image.open(label_path) as label:
+            label.resize(size, Image.Resampling.NEAREST).save(out / "labels" / label_path.name)
+
+
+@pytest.fixture(scope="session")
+def camvid_tiny(tmp_path_factory) -> dict:
+    """A downscaled slice of CamVid (8 train, 4 val frames at 64x48) through the segmentation
+    mode of scripts/make_shards.py: 2 train shards (one per rank), 1 val shard."""
+    from qatdist.data.label_maps import make_segmentation_shards
+
+    require_shared(CAMVID)
+    root = tmp_path_factory.mktemp("camvid_tiny")
+    patterns = {}
+    for split, count, shard_size in (("train", 8, 4), ("val", 4, 4)):
+        downscale_camvid(split, count, (64, 48), root / "folders" / split)
+        summary = make_segmentation_shards(
+            root / "folders" / split / "images",
+            root / "folders" / split / "labels",
+            root / "shards",
+            split=split,
+            num_classes=CAMVID_CLASSES,
+            ignore_index=CAMVID_IGNORE,
+            shard_size=shard_size,
+            shuffle=split == "train",
+        )
+        assert summary.count == count
+        patterns[split] = summary.pattern
+    return {"train_shards": patterns["train"], "val_shards": patterns["val"], "root": root}

@@ -72,7 +72,10 @@ def test_cli_values_follow_the_key_type(tmp_path, shards):
         ({"runtime": {"pinning": "yes"}}, "runtime.pinning"),
         ({"runtime": {"grad_compression": "int8"}}, "runtime.grad_compression"),
         ({"optim": {"name": "lamb"}}, "optim.name"),
-        ({"task": {"name": "detection"}}, "task.name: expected a built-in task (classification)"),
+        (
+            {"task": {"name": "detection"}},
+            "task.name: expected a built-in task (classification, segmentation)",
+        ),
         ({"task": {"name": "/nonexistent/task.py:build"}}, "task.name: expected an existing .py"),
         ({"task": {"name": "mytasks:"}}, "task.name: expected 'package.module:function'"),
         ({"quant": {"fp32_module_names": "fc"}}, "quant.fp32_module_names"),

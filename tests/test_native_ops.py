@@ -48,17 +48,17 @@ def _path_without_compilers(folder: Path) -> str:
 
 
 def test_without_a_compiler_training_runs_on_torchaos_op_with_one_warning(tiny_shards, tmp_path):
-    """A 2-rank tiny training run with no C++ compiler on PATH (and CXX unset): it completes,
-    fake quant runs on torchao's op, the run's log holds the warning once (naming the cost
-    and the fix), and the report records the op."""
+    """A 2-rank tiny training run with no C++ compiler on PATH (and CXX unset), as configured
+    by default: it completes, fake quant runs on torchao's op, the final int8 model is measured
+    uncompiled (Inductor compiles C++ too), the run's log holds each warning once (naming the
+    cost and the fix), and the report records the op and that nothing was compiled."""
     assert "CXX" not in os.environ  # a CXX would be used (and fail) rather than fall back
     env = {
         "PATH": _path_without_compilers(tmp_path / "bin"),
         "QATDIST_CACHE_DIR": str(tmp_path / "cache"),  # no cached build to fall back on either
     }
     out_dir = tmp_path / "run"
-    # Inductor compiles C++ too: without a compiler the final int8 model runs eager.
-    args = tiny_run_args(tiny_shards, out_dir, "--runtime.compile_final=false")
+    args = tiny_run_args(tiny_shards, out_dir)
     result = torchrun(args, cwd=ROOT, env=env)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-6000:]
@@ -68,6 +68,8 @@ def test_without_a_compiler_training_runs_on_torchaos_op_with_one_warning(tiny_s
     assert "1.49x resnet18" in warning and "apt-get install g++" in warning
     report = json.loads((out_dir / "final" / "report.json").read_text())
     assert report["fake_quant_op"] == "torchao"
+    assert report["compiled"] is False
+    assert log.count("Inductor cannot compile the final int8 model") == 1, log[-6000:]
     assert not list((tmp_path / "cache").rglob("*.so"))
 
 

@@ -13,10 +13,12 @@ from qatdist.config.sections import (
     BUILTIN_TASKS,
     GRAD_COMPRESSION,
     INT8_TARGETS,
+    SEGMENTATION_CLASS_WEIGHTING,
     Config,
     ConfigError,
     DataConfig,
     QuantConfig,
+    TaskConfig,
     is_demo_pattern,
 )
 
@@ -31,6 +33,7 @@ def validate(cfg: Config) -> None:
     except for demo shards that the run will generate."""
     _check_run_and_model(cfg)
     _check_data(cfg.data)
+    _check_segmentation(cfg.task, cfg.data.num_classes)
     _check_training(cfg)
     _check_quant(cfg.quant)
     _check_runtime(cfg)
@@ -66,6 +69,37 @@ def _check_factory_spec(key: str, spec: str) -> None:
     file = factory_file(spec)
     if file is not None:
         _require(file.is_file(), key, "an existing .py file before the ':'", spec)
+
+
+def _check_segmentation(t: TaskConfig, num_classes: int) -> None:
+    _require(0 <= t.ignore_index <= 255, "task.ignore_index", "0..255", t.ignore_index)
+    _require(
+        t.class_weighting in SEGMENTATION_CLASS_WEIGHTING,
+        "task.class_weighting",
+        " or ".join(map(repr, SEGMENTATION_CLASS_WEIGHTING)),
+        t.class_weighting,
+    )
+    _require(t.aux_weight >= 0, "task.aux_weight", "a number >= 0", t.aux_weight)
+    for key in ("crop_size", "eval_size"):
+        size = getattr(t, key)
+        _require(
+            len(size) in (0, 2) and all(v >= 16 for v in size),
+            f"task.{key}",
+            "[] or [height, width], each >= 16",
+            size,
+        )
+    _require(
+        len(t.scale_range) == 2 and 0 < t.scale_range[0] <= t.scale_range[1],
+        "task.scale_range",
+        "[low, high] with 0 < low <= high",
+        t.scale_range,
+    )
+    _require(
+        len(t.class_names) in (0, num_classes),
+        "task.class_names",
+        f"[] or data.num_classes ({num_classes}) names",
+        t.class_names,
+    )
 
 
 def _check_data(d: DataConfig) -> None:

@@ -60,7 +60,7 @@ class ModelConfig:
     )
 
 
-BUILTIN_TASKS = ("classification",)
+BUILTIN_TASKS = ("classification", "segmentation")
 
 
 @dataclass
@@ -71,6 +71,44 @@ class TaskConfig:
         "function 'package.module:function' or 'path/to/file.py:function' called as "
         "function(task_cfg, data_cfg) that returns a qatdist.tasks.Task (docs/tasks.md).",
     )
+    # Segmentation (task.name = "segmentation"): the label maps, the joint transforms, the loss.
+    ignore_index: int = _f(
+        255,
+        "Segmentation: label value of unlabelled pixels, ignored by the loss and the metric "
+        "(CamVid: 11).",
+    )
+    class_weighting: str = _f(
+        "none",
+        "Segmentation: cross-entropy class weights computed from the train shards' label maps: "
+        "'none', 'median_frequency' (median freq / class freq) or 'inverse_log' "
+        "(1 / ln(1.02 + class share)).",
+    )
+    aux_weight: float = _f(
+        0.5,
+        "Segmentation: weight of the auxiliary head's loss where the model has one "
+        "(torchvision's fcn/deeplabv3 built with aux_loss); 0 builds them without it.",
+    )
+    crop_size: list[int] = _f(
+        [],
+        "Segmentation: [height, width] of the random train crop cut from the scaled frame "
+        "(label padded with ignore_index where the frame is smaller); [] = the frame's size.",
+    )
+    scale_range: list[float] = _f(
+        [0.5, 2.0], "Segmentation: range of the random train scale of the frame, [low, high]."
+    )
+    eval_size: list[int] = _f(
+        [],
+        "Segmentation: [height, width] frames and label maps are resized to for evaluation "
+        "(labels nearest); [] = the full frame.",
+    )
+    class_names: list[str] = _f(
+        [],
+        "Segmentation: class names, data.num_classes of them, naming the per-class IoU keys "
+        "(iou_<name>); [] = iou_<index>.",
+    )
+
+
+SEGMENTATION_CLASS_WEIGHTING = ("none", "median_frequency", "inverse_log")
 
 
 @dataclass

@@ -154,13 +154,14 @@ def decode_image(raw: RawSample, image_size: int) -> Image.Image:
 
 def count_shard(url: str, extensions: tuple[str, ...]) -> int:
     """Samples with an image and a member of each of `extensions` (the task's
-    `sample_extensions`), from member names only. A shard that breaks off counts the samples
-    before the break (the reader skips or raises at that point)."""
+    `sample_extensions`), from member names only; a task's own member is never taken for the
+    image (a label map `.seg.png` is a PNG). A shard that breaks off counts the samples before
+    the break (the reader skips or raises at that point)."""
     count = 0
     key, exts = None, set()
 
     def complete() -> bool:
-        image = any(e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
+        image = any(e not in extensions and e.rsplit(".", 1)[-1] in IMAGE_EXTENSIONS for e in exts)
         return image and all(e in exts for e in extensions)
 
     try:
@@ -197,6 +198,21 @@ def write_shards(
 
     Keys are `<key_prefix><index:08d>`, unique across the shards of one call.
     """
+    write_samples(
+        paths,
+        (
+            (f"{key_prefix}{index:08d}", {ext: data, LABEL_EXTENSION: str(label).encode()})
+            for index, (data, ext, label) in enumerate(samples)
+        ),
+        total,
+    )
+
+
+def write_samples(
+    paths: list[Path], samples: Iterable[tuple[str, dict[str, bytes]]], total: int
+) -> None:
+    """Write `total` (key, {extension: bytes}) samples spread evenly over `paths`, each shard
+    to a hidden temporary name renamed when complete."""
     import webdataset as wds
 
     it = iter(samples)
@@ -207,10 +223,8 @@ def write_shards(
         try:
             with wds.TarWriter(str(tmp)) as sink:
                 while index < end:
-                    data, ext, label = next(it)
-                    sink.write(
-                        {"__key__": f"{key_prefix}{index:08d}", ext: data, "cls": str(label)}
-                    )
+                    key, members = next(it)
+                    sink.write({"__key__": key, **members})
                     index += 1
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -68,8 +68,16 @@ def with_fp32_layers(qat: QatModel, layers: list[str], *, image_size: int) -> Qa
         raise ValueError(f"fp32 fallback layers {unknown}: no such module or quantized layer")
     names = [*qat.quant_cfg.fp32_module_names, *layers]
     example = torch.randn(2, 3, image_size, image_size)
-    rebuild = make_rebuilder(_rebuildable_fp32(qat), example, qat.quant_cfg, phase=qat.phase)
-    return _qat_model(qat, rebuild(qat.prepared, names), names)
+    rebuild = make_rebuilder(
+        _rebuildable_fp32(qat),
+        example,
+        qat.quant_cfg,
+        phase=qat.phase,
+        dynamic_spatial=qat.dynamic_spatial,
+    )
+    rebuilt = _qat_model(qat, rebuild(qat.prepared, names), names)
+    rebuilt.dynamic_spatial = qat.dynamic_spatial
+    return rebuilt
 
 
 def _log_outcome(result: BudgetResult, metric: str) -> None:
@@ -152,7 +160,13 @@ class AccuracyBudget:
             CompiledLatencyCost(example, iters=self.latency_iters) if self.compiled else None
         )
         quant_cfg = self.quant_cfg
-        rebuild = make_rebuilder(_rebuildable_fp32(qat), example[:2], quant_cfg, phase=qat.phase)
+        rebuild = make_rebuilder(
+            _rebuildable_fp32(qat),
+            example[:2],
+            quant_cfg,
+            phase=qat.phase,
+            dynamic_spatial=qat.dynamic_spatial,
+        )
         log.info("accuracy budget %.4f: measuring the int8 model", quant_cfg.max_accuracy_drop)
         sign = 1.0 if task.higher_is_better else -1.0
         with preserved_rng(), qat.evaluating() as prepared:

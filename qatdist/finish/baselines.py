@@ -94,6 +94,7 @@ class Baselines:
                 (batch.images for batch in calibration) if local else [],
                 self.quant_cfg,
                 image_size=self.image_size,
+                dynamic_spatial=qat.dynamic_spatial,
             )
             value = self._score(int8)
         # The float model PTQ started from: its metric is what PTQ's own drop is measured against.

@@ -101,6 +101,8 @@ def load_run(run_dir: Path, checkpoint: Path | None = None) -> LoadedRun:
             num_classes=cfg.data.num_classes,
             image_size=cfg.data.image_size,
             seed=cfg.train.seed,
+            dense=task.dense_outputs,
+            aux_loss=task.aux_head,
         )
     except config.ConfigError as e:
         raise ExportError(f"{RunFolder(run_dir).resolved_config}: {e}") from e
@@ -185,6 +187,7 @@ def export_run(
                 task,
                 val,
                 image_size=cfg.data.image_size,
+                input_size=task.input_size(cfg.data.image_size),
                 batch_sizes=batch_sizes,
                 latency_iters=latency_iters or cfg.runtime.latency_iters,
                 out_dir=out_dir,

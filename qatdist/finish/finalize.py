@@ -48,6 +48,7 @@ def finalize(
     val_batches: Callable[[int], Iterable],
     *,
     image_size: int,
+    input_size: tuple[int, int] | None = None,
     batch_sizes: list[int],
     latency_iters: int,
     out_dir: Path,
@@ -62,7 +63,9 @@ def finalize(
     """Convert `prepared` (a QAT model in eval mode, observers off), evaluate and benchmark it,
     and write the artifacts listed in the module docstring into `out_dir`.
 
-    `fp32_model` (same architecture) is the latency baseline, compiled alike. `val_batches(n)`
+    `fp32_model` (same architecture) is the latency baseline, compiled alike. Latency and the
+    saved program's example use (height, width) `input_size` inputs (default: the square
+    `image_size`; `Task.input_size`). `val_batches(n)`
     yields (inputs, target, ...) batches of at most n validation samples, scored by `task`'s
     metric and compared by its agreement. The metric is measured at the largest of
     `batch_sizes`, latency (`latency_iters` timed runs, interleaved) at each.
@@ -97,9 +100,8 @@ def finalize(
         int8_model = convert_to_int8(prepared)
         full["int8_target"] = quant_target.target_of(int8_model.graph)
         generator = torch.Generator().manual_seed(0)
-        examples = {
-            b: torch.randn(b, 3, image_size, image_size, generator=generator) for b in batch_sizes
-        }
+        height, width = input_size or (image_size, image_size)
+        examples = {b: torch.randn(b, 3, height, width, generator=generator) for b in batch_sizes}
         predict = lambda images: task.predictions(int8_model(images))  # noqa: E731
         checks.check_deterministic(predict, examples[main_batch], "the int8 model")
         if eval_mismatch is not None and (mismatch := eval_mismatch(examples[main_batch])):

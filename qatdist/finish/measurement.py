@@ -76,6 +76,7 @@ def compare_on_val(
     measures = {
         "seen": seen,
         "metric": {k: m.compute()[task.metric] for k, m in metrics.items()},
+        "values": {k: m.compute() for k, m in metrics.items()},
         "agreement": {k: m.result() for k, m in agreement.items()},
     }
     return measures, {k: _joined(v) for k, v in kept.items()}
@@ -145,7 +146,14 @@ def latency_rows(
 def measured_fields(metric: str, measures: dict, rows: list[dict], quantized_ops: dict) -> dict:
     """Report fields of the metric and latency measurements."""
     inductor_ops = quantized_ops.get("inductor", {})
+    # The other values of a metric that has more than its primary one (per-class IoU, ...).
+    values = {
+        f"{name}_metric_values": measures["values"][key]
+        for name, key in (("int8", "int8"), ("int8_reference", "reference"))
+        if len(measures["values"][key]) > 1
+    }
     return {
+        **values,
         reports.metric_key("int8", metric): measures["metric"]["int8"],
         reports.metric_key("int8_reference", metric): measures["metric"]["reference"],
         "int8_eval_samples": measures["seen"],

@@ -218,3 +218,93 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneWeightsSource(WeightsSource):
+    """Weights of a classifier loaded into a segmentation model's backbone only."""
+
+    loaded_into: str  # the model's module the weights went to, e.g. "backbone"
+    name_mapping: str  # how the file's names were read, e.g. "features.N -> backbone.N"
+    unused_keys: tuple[str, ...]  # the file's entries with no place in the backbone (its head)
+
+
+# How a classifier's parameter names map into a torchvision segmentation backbone: the
+# MobileNetV3 backbone is the classifier's `features` (IntermediateLayerGetter keeps the
+# children's names), the ResNet backbone the classifier without avgpool and fc.
+_BACKBONE_PREFIXES = ("features.", "backbone.", "")
+
+
+def load_backbone_weights(
+    model: torch.nn.Module, path: str, key: str = "model.weights"
+) -> BackboneWeightsSource:
+    """Load an ImageNet classifier's weight file `path` into `model.backbone` (a torchvision
+    segmentation model's), logging the file's entries left unused (its classifier head).
+    Every backbone entry must come from the file with its shape: anything the backbone lacks
+    is a ConfigError naming `key` and listing the missing entries."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, torch.nn.Module):
+        raise ConfigError(
+            f"{key}: {type(model).__name__} has no `backbone` module to load {path} into"
+        )
+    content = _read(path, key)
+    if not isinstance(content, Mapping):
+        raise ConfigError(f"{key}: {path} holds a {type(content).__name__}, not a state dict")
+    own = backbone.state_dict()
+    best = None
+    for candidate in _candidates(content):
+        for prefix in _BACKBONE_PREFIXES:
+            mapped = {
+                k[len(prefix) :]: v
+                for k, v in candidate.state.items()
+                if str(k).startswith(prefix)
+                and k[len(prefix) :] in own
+                and isinstance(v, torch.Tensor)
+                and v.shape == own[k[len(prefix) :]].shape
+            }
+            if best is None or len(mapped) > len(best[2]):
+                best = (candidate, prefix, mapped)
+    candidate, prefix, mapped = best
+    missing = [k for k in own if k not in mapped]
+    if missing:
+        raise ConfigError(
+            f"{key}: {path} does not fill the backbone of this {type(model).__name__} model "
+            f"({len(mapped)} of {len(own)} entries found, best read with prefix "
+            f"{prefix or 'none'!r}); {_top_level(content)}; {_some('missing', missing)}"
+        )
+    state = OrderedDict((k, mapped[k]) for k in own)
+    state._metadata = getattr(own, "_metadata", None)  # BatchNorm's version: as the model's
+    backbone.load_state_dict(state, strict=True)
+    used = {prefix + k for k in mapped}
+    unused = tuple(k for k in candidate.state if k not in used)
+    mapping = f"{prefix}<name> -> backbone.<name>" if prefix else "<name> -> backbone.<name>"
+    log.info(
+        "%s: loaded the backbone (%d entries) from %s, names read as %s; %s",
+        key,
+        len(mapped),
+        path,
+        mapping,
+        _some("file entries unused", list(unused)) if unused else "every file entry used",
+    )
+    return BackboneWeightsSource(
+        file=str(Path(path).resolve()),
+        sha256=_sha256(Path(path)),
+        nesting_key=candidate.nesting_key,
+        prefix_stripped=candidate.prefix,
+        loaded_into="backbone",
+        name_mapping=mapping,
+        unused_keys=unused,
+    )
+
+
+def load_segmentation_weights(
+    model: torch.nn.Module, path: str, key: str = "model.weights"
+) -> WeightsSource:
+    """A torchvision segmentation model's `model.weights`: a whole segmenter's file (one that
+    names any entry outside the backbone) loaded strictly (`load_weights`), else a classifier's
+    loaded into the backbone (`load_backbone_weights`)."""
+    content = _read(path, key)
+    heads = {k for k in model.state_dict() if not k.startswith("backbone.")}
+    if isinstance(content, Mapping) and any(heads & set(c.state) for c in _candidates(content)):
+        return load_weights(model, path, key)
+    return load_backbone_weights(model, path, key)

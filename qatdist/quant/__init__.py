@@ -8,7 +8,12 @@ fake quants: qatdist's C++ ops or torchao's).
 """
 
 from qatdist.quant.capture import capture
-from qatdist.quant.convert import compile_for_inference, convert_to_int8, load_int8
+from qatdist.quant.convert import (
+    compile_for_inference,
+    convert_to_int8,
+    inductor_can_compile,
+    load_int8,
+)
 from qatdist.quant.kernels.fast_fake_quant import fake_quant_op
 from qatdist.quant.model import QatModel, state_sha256
 from qatdist.quant.prepare import prepare_qat
@@ -22,6 +27,7 @@ __all__ = [
     "capture",
     "compile_for_inference",
     "convert_to_int8",
+    "inductor_can_compile",
     "fake_quant_op",
     "load_int8",
     "phase_at",

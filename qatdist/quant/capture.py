@@ -1,21 +1,31 @@
-"""Graph capture: torch.export training IR with a dynamic batch dimension."""
+"""Graph capture: torch.export training IR with a dynamic batch dimension (and dynamic height
+and width for dense predictors, which train on crops and evaluate on full frames)."""
 
 from __future__ import annotations
 
 import torch
 from torch.export import Dim
 
+from qatdist.quant.fixes.symbolic_sizes import detach_size_arithmetic
 
-def capture(model: torch.nn.Module, example_input: torch.Tensor) -> torch.fx.GraphModule:
+
+def capture(
+    model: torch.nn.Module, example_input: torch.Tensor, *, dynamic_spatial: bool = False
+) -> torch.fx.GraphModule:
     """Export `model` (training IR) with a dynamic batch dimension and return the graph module.
+    `dynamic_spatial`: height and width are dynamic too (`Dim.AUTO`: the constraints the
+    model's strides imply are found by export), so one graph runs at any frame size.
 
     Shared-module call sites are made distinct (see `make_call_sites_distinct`) so that the
     quantizer can annotate them.
     """
     batch = Dim("batch", min=1, max=65536)
-    exported = torch.export.export(model, (example_input,), dynamic_shapes=({0: batch},))
+    dims = {0: batch, 2: Dim.AUTO, 3: Dim.AUTO} if dynamic_spatial else {0: batch}
+    exported = torch.export.export(model, (example_input,), dynamic_shapes=(dims,))
     graph_module = exported.module()
     make_call_sites_distinct(graph_module)
+    if dynamic_spatial:
+        detach_size_arithmetic(graph_module)
     return graph_module
 
 

@@ -19,6 +19,7 @@ from qatdist.quant import target as quant_target
 from qatdist.quant.fixes.batchnorm import fold_with_model_bn_eps
 from qatdist.quant.fixes.ceil_pool import rewrite_ceil_mode_int8_max_pools
 from qatdist.quant.fixes.conv_bn_patterns import only_present_conv_types
+from qatdist.quant.kernels.native_ops import NoCompilerError, find_compiler
 from qatdist.quant.kernels.weight_scaling import restore_weight_scaling
 from qatdist.quant.schedule import to_eval
 
@@ -39,6 +40,16 @@ def convert_to_int8(
     to_eval(converted)  # keeps BN eps/momentum and dropout p, which torchao's switch resets
     rewrite_ceil_mode_int8_max_pools(converted)  # Inductor's int8 pool drops ceil_mode
     return converted
+
+
+def inductor_can_compile() -> str | None:
+    """None when Inductor can build CPU kernels here, else why not: its C++ code needs a C++
+    compiler, found as qatdist's own ops find theirs (`$CXX`, else c++, g++, clang++ on PATH)."""
+    try:
+        find_compiler()
+    except NoCompilerError:
+        return "no C++ compiler (CXX is unset and none of c++, g++, clang++ is on PATH)"
+    return None
 
 
 def compile_for_inference(model: torch.nn.Module) -> torch.nn.Module:

@@ -236,14 +236,17 @@ def make_rebuilder(
     example: torch.Tensor,
     quant_cfg: QuantConfig,
     phase: QatPhase | None = None,
+    dynamic_spatial: bool = False,
 ) -> Rebuild:
-    """A `rebuild(source, fp32_module_names)`: capture and prepare a copy of `fp32_model` with
-    those layers in fp32, then take `source`'s weights and statistics (`transfer_state`) and,
-    when given, switch it to `phase` (train mode)."""
+    """A `rebuild(source, fp32_module_names)`: capture (height and width dynamic with
+    `dynamic_spatial`) and prepare a copy of `fp32_model` with those layers in fp32, then take
+    `source`'s weights and statistics (`transfer_state`) and, when given, switch it to `phase`
+    (train mode)."""
 
     def rebuild(source: torch.fx.GraphModule, fp32_module_names: list[str]) -> torch.fx.GraphModule:
         cfg = dataclasses.replace(quant_cfg, fp32_module_names=list(fp32_module_names))
-        target = prepare_qat(capture(copy.deepcopy(fp32_model), example), cfg)
+        graph = capture(copy.deepcopy(fp32_model), example, dynamic_spatial=dynamic_spatial)
+        target = prepare_qat(graph, cfg)
         transfer_state(source, target)
         if phase is not None:
             apply_phase(target, phase)

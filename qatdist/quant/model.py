@@ -54,6 +54,8 @@ class QatModel:
         self.quant_cfg = quant_cfg
         # Training-only random ops left out of the graph (`training_only.capture_for_qat`).
         self.training_only_ops: list[str] = []
+        # Height and width dynamic in the capture (set by `from_fp32`); re-captures follow it.
+        self.dynamic_spatial = False
         self.phase = schedule.phase_at(0, quant_cfg)
         self._applied = self.phase  # differs from `phase` inside `evaluating()`
         self._training = True
@@ -68,13 +70,18 @@ class QatModel:
         num_classes: int,
         image_size: int,
         seed: int,
+        dense: bool = False,
+        aux_loss: bool = False,
     ) -> QatModel:
         """Seed the torch RNG with `seed` (identical initial weights on every rank), build the
         fp32 model (loading `model_cfg.weights` if set, recorded in `weights_source`), capture
-        and prepare it for QAT."""
+        and prepare it for QAT. `dense` (segmentation): a per-pixel model (with its auxiliary
+        head when `aux_loss`), captured with dynamic height and width."""
         torch.manual_seed(seed)
-        fp32_model, weights_source = build_fp32(model_cfg, num_classes, image_size=image_size)
-        qat = cls.from_fp32(fp32_model, quant_cfg, image_size=image_size)
+        fp32_model, weights_source = build_fp32(
+            model_cfg, num_classes, image_size=image_size, dense=dense, aux_loss=aux_loss
+        )
+        qat = cls.from_fp32(fp32_model, quant_cfg, image_size=image_size, dynamic_spatial=dense)
         qat.weights_source = weights_source
         # Before any training: the eval graph must compute what the eager model does in eval().
         generator = torch.Generator().manual_seed(0)
@@ -85,15 +92,24 @@ class QatModel:
 
     @classmethod
     def from_fp32(
-        cls, fp32_model: torch.nn.Module, quant_cfg: QuantConfig, *, image_size: int
+        cls,
+        fp32_model: torch.nn.Module,
+        quant_cfg: QuantConfig,
+        *,
+        image_size: int,
+        dynamic_spatial: bool = False,
     ) -> QatModel:
-        """Capture (dynamic batch, `image_size` x `image_size` RGB input; in train mode unless
-        the model has training-only branches, `training_only`) and prepare a copy of
-        `fp32_model`; the copy because the captured graph would share its tensors."""
+        """Capture (dynamic batch, `image_size` x `image_size` RGB input, height and width
+        dynamic too with `dynamic_spatial`; in train mode unless the model has training-only
+        branches, `training_only`) and prepare a copy of `fp32_model`; the copy because the
+        captured graph would share its tensors."""
         example = torch.randn(2, 3, image_size, image_size)
-        graph, training_only_ops = capture_for_qat(copy.deepcopy(fp32_model), example)
+        graph, training_only_ops = capture_for_qat(
+            copy.deepcopy(fp32_model), example, dynamic_spatial=dynamic_spatial
+        )
         qat = cls.from_captured(fp32_model, graph, quant_cfg)
         qat.training_only_ops = training_only_ops
+        qat.dynamic_spatial = dynamic_spatial
         return qat
 
     @classmethod
@@ -165,13 +181,19 @@ class QatModel:
         eager = probe.fp32_model
         eager.load_state_dict(float_weights(probe.state_dict(), eager))
         with torch.no_grad(), probe.evaluating(fake_quant=False) as graph:
-            first, second = graph(images), graph(images)
-        if not torch.equal(first, second):
-            diff = (first - second).abs().max().item()
-            return f"two evaluations of the same batch differ (max |difference| {diff:.4g})"
+            first, second = _outputs(graph(images)), _outputs(graph(images))
+        for name, a, b in zip(first, first.values(), second.values()):
+            if not torch.equal(a, b):
+                diff = (a - b).abs().max().item()
+                return (
+                    f"two evaluations of the same batch differ{name} (max |difference| {diff:.4g})"
+                )
         with torch.no_grad():
-            mismatch = eager_mismatch(first, eager.eval()(images))
-        return None if mismatch is None else f"eval graph vs eager model in eval(): {mismatch}"
+            eager_out = _outputs(eager.eval()(images))
+        for name, graph_out in first.items():
+            if mismatch := eager_mismatch(graph_out, eager_out[name]):
+                return f"eval graph vs eager model in eval(){name}: {mismatch}"
+        return None
 
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.prepared.parameters()
@@ -189,6 +211,13 @@ class QatModel:
     def state_sha256(self) -> str:
         """Hash of `state_dict()`: equal states, equal hashes (across ranks and runs)."""
         return state_sha256(self.state_dict())
+
+
+def _outputs(out) -> dict[str, torch.Tensor]:
+    """A model's outputs by name for messages: '' for a tensor, ' in "out"' for a dict's."""
+    if isinstance(out, dict):
+        return {f" in {key!r}": value for key, value in out.items()}
+    return {"": out}
 
 
 def state_sha256(state: dict[str, torch.Tensor]) -> str:

@@ -59,8 +59,10 @@ def prepare_ptq(
     quant_cfg: QuantConfig,
     *,
     image_size: int,
+    dynamic_spatial: bool = False,
 ) -> torch.fx.GraphModule:
-    """A copy of `fp32_model` with `weights`, captured in eval mode and prepared with the PTQ
+    """A copy of `fp32_model` with `weights`, captured in eval mode (height and width dynamic
+    with `dynamic_spatial`) and prepared with the PTQ
     config (observers, no fake quantization; layers of `quant_cfg.fp32_module_names/types`
     kept fp32, as in QAT). `fp32_model` itself is not changed."""
     model = copy.deepcopy(fp32_model)
@@ -68,7 +70,7 @@ def prepare_ptq(
     model.eval()
     quantizer = build_quantizer(quant_cfg, ptq_quantization_config())
     example = torch.zeros(2, 3, image_size, image_size)
-    return prepare_pt2e(capture(model, example), quantizer)
+    return prepare_pt2e(capture(model, example, dynamic_spatial=dynamic_spatial), quantizer)
 
 
 def post_training_int8(
@@ -78,13 +80,16 @@ def post_training_int8(
     quant_cfg: QuantConfig,
     *,
     image_size: int,
+    dynamic_spatial: bool = False,
     group=None,
 ) -> torch.fx.GraphModule:
     """PTQ of `fp32_model`'s architecture with `weights` (`prepare_ptq`): run `calibration`
     (this rank's image batches), sync observer statistics across `group`'s ranks (a collective:
     every rank calls, whatever its number of batches), convert. Returns the int8 model in eval
     mode."""
-    prepared = prepare_ptq(fp32_model, weights, quant_cfg, image_size=image_size)
+    prepared = prepare_ptq(
+        fp32_model, weights, quant_cfg, image_size=image_size, dynamic_spatial=dynamic_spatial
+    )
     with torch.no_grad():
         for images in calibration:
             prepared(images)

@@ -175,6 +175,17 @@ _KEYS = [
     ("annotated_conv_layers", "int", "convolutions the quantizer annotated (fp32-kept excluded)"),
     ("annotated_linear_layers", "int", "linears the quantizer annotated (fp32-kept excluded)"),
     ("quantized_ops", "dict", "quantized conv/linear calls per lowered code: inductor, aoti"),
+    (
+        "int8_metric_values",
+        "dict",
+        "every value of the task's metric for the int8 model, where the task has more than the "
+        "primary one (segmentation: miou, pixel_accuracy, iou_<class>)",
+    ),
+    (
+        "int8_reference_metric_values",
+        "dict",
+        "as int8_metric_values, for the converted int8 reference graph",
+    ),
     ("quantized_conv_count", "int | None", "quantized convolutions in Inductor's code"),
     ("quantized_linear_count", "int | None", "quantized linears in Inductor's code"),
     ("quantization_complete", "bool", "every annotated conv/linear runs an int8 kernel"),

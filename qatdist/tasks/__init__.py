@@ -19,6 +19,10 @@ def build_task(task_cfg: TaskConfig, data_cfg: DataConfig) -> Task:
         from qatdist.tasks import classification
 
         return classification.build(task_cfg, data_cfg)
+    if task_cfg.name == "segmentation":
+        from qatdist.tasks import segmentation
+
+        return segmentation.build(task_cfg, data_cfg)
     if ":" not in task_cfg.name:
         raise ConfigError(
             f"task.name: {task_cfg.name!r} is neither a built-in task (classification) nor a "

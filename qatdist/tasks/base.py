@@ -112,6 +112,17 @@ class Task(abc.ABC):
 
     # --- the model --------------------------------------------------------------------------
 
+    dense_outputs: bool = False
+    """The model predicts per pixel (segmentation): built by the per-pixel builders and captured
+    with dynamic height and width, so that it trains on crops and runs on full frames."""
+    aux_head: bool = False
+    """Build the model with its auxiliary head where it has one (the task's loss uses it)."""
+
+    def input_size(self, image_size: int) -> tuple[int, int]:
+        """(height, width) of the inputs the final measurements feed (latency, the saved
+        program's example); the default is the square `data.image_size`."""
+        return image_size, image_size
+
     def train_forward(
         self, model: torch.nn.Module, inputs: torch.Tensor, target: Target
     ) -> Outputs:

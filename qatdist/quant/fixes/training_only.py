@@ -17,6 +17,9 @@ graph by name was tried first and does not hold: the branch changes what the qua
 (efficientnet's `project` conv + residual add is one int8 conv-add in eval, but in train the
 drop connect sits between them), so the two graphs quantize different ops. When the eval-mode
 capture is random too, the model is refused before training, naming the op and the module.
+
+It can go when torchao's train/eval switch removes (or torch.export records) training-only
+branches beyond dropout and batch norm.
 """
 
 from __future__ import annotations
@@ -104,18 +107,18 @@ def describe(node: torch.fx.Node) -> str:
 
 
 def capture_for_qat(
-    model: torch.nn.Module, example: torch.Tensor
+    model: torch.nn.Module, example: torch.Tensor, *, dynamic_spatial: bool = False
 ) -> tuple[torch.fx.GraphModule, list[str]]:
     """The graph of `model` to prepare for QAT, in train mode, and the training-only random
     ops (`describe`d) it leaves out: none when the train-mode capture evaluates exactly once
     `to_eval` has run; otherwise the eval-mode capture switched to train mode (module doc).
     Raises TrainingOnlyBranchError when the model is random in eval mode too."""
-    graph = capture(model.train(), example)
+    graph = capture(model.train(), example, dynamic_spatial=dynamic_spatial)
     leftover = random_nodes(graph)
     if not leftover:
         return graph, []
     dropped = sorted({describe(node) for node in leftover})
-    graph = capture(model.eval(), example)
+    graph = capture(model.eval(), example, dynamic_spatial=dynamic_spatial)
     if still := random_nodes(graph):
         raise TrainingOnlyBranchError(
             f"model.name: the model is random in eval mode: {describe(still[0])} (an int8 "

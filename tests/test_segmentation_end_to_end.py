@@ -1,0 +1,73 @@
+"""`task.name = "segmentation"` end to end: a 2-rank QAT run over gloo on the downscaled CamVid
+slice (shards written by the segmentation mode of scripts/make_shards.py), with the UNet of
+tests/seg_unet.py, to a compiled int8 segmenter and its report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, torchrun
+
+from qatdist.quant import load_int8
+
+UNET = str(Path(__file__).resolve().parent / "seg_unet.py") + ":unet"
+
+
+@pytest.mark.slow
+def test_two_ranks_to_a_compiled_int8_segmenter(camvid_tiny: dict, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = torchrun(
+        [
+            f"--run.out_dir={out}",
+            "--task.name=segmentation",
+            "--task.ignore_index=11",
+            "--task.crop_size=[32, 32]",
+            "--task.scale_range=[0.75, 1.25]",
+            "--task.eval_size=[48, 64]",  # the slice's full frame: latency measured there
+            "--task.class_weighting=median_frequency",
+            f"--model.name={UNET}",
+            "--data.num_classes=11",
+            "--data.image_size=32",
+            f"--data.train_shards={camvid_tiny['train_shards']}",
+            f"--data.val_shards={camvid_tiny['val_shards']}",
+            "--data.generate_demo=false",
+            "--train.batch_size=2",
+            "--train.epochs=1",
+            "--train.steps_per_epoch=4",
+            "--train.log_every_steps=2",
+            "--train.distill_weight=0.3",
+            "--quant.sync_every_steps=2",
+            "--quant.fake_quant_start_step=1",
+            "--quant.ptq_calibration_batches=2",
+            "--runtime.latency_batch_size=2",
+            "--runtime.latency_iters=2",
+        ],
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "final" / "report.json").read_text())
+    assert report["task"] == "segmentation" and report["metric"] == "miou"
+    for baseline in ("fp32", "fp32_fake_quant", "ptq_fp32", "ptq_int8", "int8", "int8_reference"):
+        assert 0.0 <= report[f"{baseline}_miou"] <= 1.0, baseline
+    assert "int8_top1" not in report
+    values = report["int8_metric_values"]
+    assert values["miou"] == report["int8_miou"]
+    assert 0.0 <= values["pixel_accuracy"] <= 1.0
+    assert any(key.startswith("iou_") for key in values)
+    assert report["quantization_complete"] is True
+    assert report["quantized_conv_count"] == 6  # every convolution of the UNet
+    assert report["int8_eval_samples"] == 4
+    assert report["latency"][0]["batch_size"] == 2
+    assert report["int8_compiled_comparable_samples"] > 0
+    assert report["qat_gain_over_ptq"] == pytest.approx(
+        report["int8_miou"] - report["ptq_int8_miou"]
+    )
+    # The saved int8 program runs a full frame at another batch size.
+    program = load_int8(out / "final" / "model_int8.pt2").module()
+    with torch.no_grad():
+        logits = program(torch.randn(3, 3, 48, 64))
+    logits = logits["out"] if isinstance(logits, dict) else logits
+    assert logits.shape == (3, 11, 48, 64)
