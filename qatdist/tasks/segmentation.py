@@ -133,15 +133,6 @@ class PixelAgreement(Agreement):
         differ = int((torch.cat(self._differing) > self.max_abs_diff).sum())
         return agree, agree + differ
 
-    def result(self) -> dict[str, float | int | None]:
-        agree, comparable = self.counts()
-        return {
-            "agreement": agree / comparable if comparable else None,
-            "comparable": comparable,
-            "max_abs_diff": self.max_abs_diff,
-            "output_scale": self.output_scale,
-        }
-
 
 def pixel_counts(
     pattern_urls: list[str], num_classes: int, ignore_index: int
