@@ -29,6 +29,27 @@ def require(condition: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many numeric int8 comparisons (compiled against the converted reference) ran, on
+    which CPU: they run on every x86 CPU, so the count shows none was skipped."""
+    from qatdist.topology import cpu_int8_capabilities
+
+    outcome_of: dict[str, str] = {}  # a test's setup, call and teardown each report
+    for outcome in ("passed", "skipped", "failed"):  # a later outcome overrides
+        for report in terminalreporter.stats.get(outcome, []):
+            if "int8_numeric" in report.keywords and (report.when == "call" or outcome != "passed"):
+                outcome_of[report.nodeid] = outcome
+    outcomes = {
+        name: list(outcome_of.values()).count(name) for name in ("passed", "failed", "skipped")
+    }
+    caps = cpu_int8_capabilities()
+    flags = [name for name, present in caps.items() if present is True]
+    terminalreporter.write_line(
+        f"int8 numeric comparisons: {outcomes['passed']} passed, {outcomes['failed']} failed, "
+        f"{outcomes['skipped']} skipped (CPU int8 features: {', '.join(flags) or 'none'})"
+    )
+
+
 def torchrun(args: list[str], *, nproc: int = 2, cwd: Path, env=None):
     """Run `torchrun --standalone` (rendezvous on a free loopback port) with `args`, waiting
     on its progress (`tests/jobs.py`); the result as `subprocess.run` would return it."""

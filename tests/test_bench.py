@@ -121,6 +121,7 @@ def test_dynamic_activation_int8_converts_and_runs_every_linear_int8():
     assert difference <= 0.05 * reference.abs().max()
 
 
+@pytest.mark.int8_numeric
 def test_hand_flow_has_the_same_weights_and_predictions():
     example = torch.randn(4, 3, 16, 16)
     ours, hand = benchmarks.same_weights_int8_pair(TINY, example, calib_batches=1)

@@ -93,6 +93,7 @@ def ceil_qat() -> QatModel:
     return _trained()
 
 
+@pytest.mark.int8_numeric
 def test_rewrite_is_bitwise_exact_and_compiles_to_int8_max_pool(ceil_qat):
     reference = _unrewritten_int8(ceil_qat)
     assert _ceil_pools(reference) == 3

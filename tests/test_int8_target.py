@@ -193,6 +193,7 @@ _SATURATION_PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.int8_numeric
 @pytest.mark.slow
 def test_without_int8_dot_products_only_the_avx2_target_is_exact():
     """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA, which any x86-64 CPU can run): 8-bit weights

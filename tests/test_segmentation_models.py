@@ -112,6 +112,7 @@ def _quantized_convolutions(graph: torch.fx.GraphModule) -> tuple[int, int]:
     return ops["aten.conv2d.default"], ops["quantized_decomposed.dequantize_per_channel.default"]
 
 
+@pytest.mark.int8_numeric
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [UNET, "lraspp_mobilenet_v3_large"])
 def test_qat_flow_trains_on_crops_and_runs_int8_on_full_frames(name: str) -> None:
