@@ -149,6 +149,7 @@ def _check_training(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "a positive number", t.lr)
     _require(t.eval_every_epochs >= 0, "train.eval_every_epochs", ">= 0", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(cfg.log.val_frames >= 0, "log.val_frames", "an integer >= 0", cfg.log.val_frames)
     _require(
         t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite
     )

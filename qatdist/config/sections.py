@@ -268,6 +268,12 @@ class CheckpointConfig:
 class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to run.out_dir/tb.")
     quant_every_steps: int = _f(0, "Quant summaries interval (0: at each statistics sync).")
+    val_frames: int = _f(
+        4,
+        "The first N validation frames shown in TensorBoard with the fp32 and int8 models' "
+        "predictions at each evaluation and at the end, for a task that draws them "
+        "(segmentation: colour masks); 0 = none.",
+    )
 
 
 @dataclass

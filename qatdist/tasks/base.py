@@ -170,3 +170,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def new_agreement(self) -> Agreement:
         """An empty agreement meter."""
+
+    # --- pictures (TensorBoard) -------------------------------------------------------------
+
+    def frame_images(self, inputs: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
+        """Pictures of a batch of validation samples, as the monitor shows them beside each
+        model's predictions: {name: uint8 (N, 3, H, W)} (segmentation: `image`,
+        `ground_truth`). The default, none: the task draws nothing and the monitor shows no
+        frames."""
+        return {}
+
+    def prediction_images(self, outputs: Outputs) -> torch.Tensor:
+        """One model's `outputs` on the batch `frame_images` drew, as uint8 (N, 3, H, W)
+        pictures in the same colours. Called only for a task whose `frame_images` draws."""
+        raise NotImplementedError(f"{type(self).__name__} draws no predictions")
+
+    def frame_legend(self) -> str:
+        """Markdown that says what the colours of the pictures mean ('' for nothing)."""
+        return ""
