@@ -353,7 +353,8 @@ class Monitor:
         validation frames, loaded on first use; None where no frame is shown."""
         if not self._frames_loaded:
             self._frames_loaded = True
-            if self.writer is not None and self.cfg.val_frames > 0 and self._val_batches:
+            draws = type(self.task).frame_images is not Task.frame_images  # else: no batch read
+            if draws and self.writer is not None and self.cfg.val_frames > 0 and self._val_batches:
                 batch = next(iter(self._val_batches(self.cfg.val_frames)), None)
                 if batch is not None:
                     inputs, target = batch[0], batch[1]
