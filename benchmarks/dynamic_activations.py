@@ -1,5 +1,5 @@
 """Static vs dynamic activation quantization of a QAT model's linears: is a `dynamic` option
-worth having? (issue 13; the answer and the measurements are in docs/coverage.md.)
+worth having? (The answer and the measurements are in docs/coverage.md.)
 
 Both models are prepared from the same fp32 model with X86InductorQuantizer's QAT config, one
 static (qatdist's), one with `is_dynamic=True` (activation scale and zero point computed per
@@ -28,6 +28,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 from qatdist.config import ModelConfig
 from qatdist.models import build_model
 from qatdist.quant import capture, compile_for_inference
+from qatdist.quant import target as quant_target
 from qatdist.quant.fixes.attention import attribute_functional_linears
 from qatdist.quant.inspect import count_quantized_ops
 from qatdist.quant.schedule import to_eval
@@ -36,17 +37,18 @@ from qatdist.tasks.evaluate import side_by_side_latency_ms
 NUM_CLASSES = 10
 
 
-def int8_variant(fp32: torch.nn.Module, image_size: int, dynamic: bool, calibration) -> tuple:
-    """`fp32` QAT-prepared with static or dynamic activations, run on the `calibration`
-    batches, converted and compiled: (converted eval-mode model, compiled model, int8 kernel
-    counts in the compiled code)."""
+def int8_variant(
+    fp32: torch.nn.Module, image_size: int, dynamic: bool, calibration, target: str = "auto"
+) -> tuple:
+    """`fp32` QAT-prepared with static or dynamic activations (weights in `target`'s range,
+    `qatdist.quant.target`), run on the `calibration` batches, converted and compiled:
+    (converted eval-mode model, compiled model, int8 kernel counts in the compiled code)."""
     graph = capture(copy.deepcopy(fp32), torch.randn(2, 3, image_size, image_size))
     attribute_functional_linears(graph)  # attention projections quantized, as qatdist does
     # A fresh quantizer: one whose global config was static ignores (warns) a dynamic one.
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(
-        get_default_x86_inductor_quantization_config(is_qat=True, is_dynamic=dynamic)
-    )
+    config = get_default_x86_inductor_quantization_config(is_qat=True, is_dynamic=dynamic)
+    quantizer.set_global(quant_target.for_target(config, target))
     prepared = prepare_qat_pt2e(graph, quantizer)
     for images in calibration:
         prepared(images)

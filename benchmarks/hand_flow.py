@@ -22,7 +22,9 @@ from qatdist.tasks.evaluate import side_by_side_latency_ms
 
 def _hand_flow_prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """The notes' plain recipe up to prepare: static export, distinct ReLU call sites (the
-    plain flow fails without), the stock X86InductorQuantizer QAT config, prepare_qat_pt2e."""
+    plain flow fails without), the stock X86InductorQuantizer QAT config with qatdist's default
+    weight range for this CPU (`qatdist.quant.target`: both flows then build the same model),
+    prepare_qat_pt2e."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -32,7 +34,10 @@ def _hand_flow_prepare(model: torch.nn.Module, example: torch.Tensor) -> torch.n
     graph_module = torch.export.export(model, (example,)).module()
     make_call_sites_distinct(graph_module)
     quantizer = X86InductorQuantizer()
-    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=True))
+    from qatdist.quant import target as quant_target
+
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    quantizer.set_global(quant_target.for_target(config, "auto"))
     return prepare_qat_pt2e(graph_module, quantizer)
 
 

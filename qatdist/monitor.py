@@ -16,7 +16,10 @@ docs/monitoring.md):
 - `quant/`: flags (fake quant on, observers frozen, BN frozen) at each log step; per-layer
   activation scale / zero point, weight-scale mean/min/max and weight SQNR at each statistics
   sync (or every `log.quant_every_steps`); a histogram of the layers' SQNR; the layer table.
-- `eval/`, `final/`, `config/`, and the hparams plugin's summary of the run.
+- `eval/`, `final/`: the task's metric values (every one `compute()` returns: segmentation's
+  per-class IoU too) and, for a task that draws them, the first `log.val_frames` validation
+  frames with the fp32 and int8 models' predictions (`<prefix>/frame<k>/<picture>` images).
+- `config/`, and the hparams plugin's summary of the run.
 
 A scalar at x = s describes the s-th optimizer step (the window ending with it); `train/lr` is
 the rate after s scheduler steps, i.e. the one step s + 1 uses.
@@ -31,7 +34,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import psutil
@@ -43,6 +46,7 @@ from qatdist.quant import inspect as quant_inspect
 from qatdist.quant import schedule
 from qatdist.run import report as reports
 from qatdist.tasks import Metric, Task
+from qatdist.tasks.base import Outputs, Target
 
 log = logging.getLogger("qatdist")
 
@@ -114,7 +118,8 @@ class StepRate:
     Left out: steps flagged one-time (the first step; a QAT phase change, whose kernels compile
     once) and outliers, slower than `outlier_factor` x the lower median of the recent steps (a
     compile nobody flagged, a checkpoint). A one-time cost then does not inflate the estimate
-    for every remaining step (it once showed 14:47 at the fake-quant switch for a 2:43 run).
+    for every remaining step (a compile at the fake-quant switch would otherwise show an ETA
+    several times the run's length).
     """
 
     def __init__(self, window: int = 100, outlier_factor: float = 3.0) -> None:
@@ -159,6 +164,7 @@ class Monitor:
         total_steps: int,
         log_every_steps: int = 1,
         global_batch_size: int = 1,
+        val_batches: Callable[[int], Iterable] | None = None,
     ):
         self.enabled = enabled
         self.cfg, self.task = cfg, task
@@ -183,6 +189,11 @@ class Monitor:
         self.loop_seconds = 0.0  # all steps' time, from asking for the batch to end_step
         self.rate = StepRate()
         self._one_time_step = True  # the first step warms up (allocations, DDP buckets)
+        # `val_batches(n)`: batches of n validation samples, the first one the frames shown.
+        self._val_batches = val_batches
+        self._frames: tuple[torch.Tensor, Target, dict[str, torch.Tensor]] | None = None
+        self._frames_loaded = False
+        self._frames_written: set[str] = set()  # prefixes whose frames and legend are written
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -329,6 +340,60 @@ class Monitor:
             self.writer.add_histogram("quant/weight_sqnr_db", torch.tensor(sqnrs), step)
         self.seconds += time.perf_counter() - start
 
+    # --- evaluation -----------------------------------------------------------------------
+
+    def metric_values(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """Every value of a task's metric as a `<prefix>_<key>` scalar (`eval/int8_miou`,
+        `eval/int8_iou_road`, ...)."""
+        for key, value in values.items():
+            self.scalar(f"{prefix}_{key}", value, step)
+
+    def _frame_set(self) -> tuple[torch.Tensor, Target, dict[str, torch.Tensor]] | None:
+        """(inputs, target, the task's pictures of them) of the first `log.val_frames`
+        validation frames, loaded on first use; None where no frame is shown."""
+        if not self._frames_loaded:
+            self._frames_loaded = True
+            draws = type(self.task).frame_images is not Task.frame_images  # else: no batch read
+            if draws and self.writer is not None and self.cfg.val_frames > 0 and self._val_batches:
+                batch = next(iter(self._val_batches(self.cfg.val_frames)), None)
+                if batch is not None:
+                    inputs, target = batch[0], batch[1]
+                    pictures = self.task.frame_images(inputs, target)
+                    self._frames = (inputs, target, pictures) if pictures else None
+        return self._frames
+
+    @property
+    def draws_frames(self) -> bool:
+        """Whether `frames` writes anything: rank 0 with TensorBoard, `log.val_frames` > 0 and
+        a task that draws its frames (`Task.frame_images`)."""
+        return self._frame_set() is not None
+
+    def frames(
+        self, prefix: str, step: int, forwards: dict[str, Callable[[torch.Tensor], Outputs]]
+    ) -> None:
+        """The fixed validation frames as `<prefix>/frame<k>/<picture>` images (the task's
+        pictures of them, e.g. `image` and `ground_truth`, and the task's legend as
+        `<prefix>/frames_legend` text, once per prefix), and each named model's predictions on
+        them as `<prefix>/frame<k>/<name>_prediction` at `step`."""
+        frame_set = self._frame_set()
+        if frame_set is None:
+            return
+        start = time.perf_counter()
+        inputs, _, pictures = frame_set
+        drawn = {}
+        if prefix not in self._frames_written:
+            self._frames_written.add(prefix)
+            drawn |= pictures
+            if legend := self.task.frame_legend():
+                self.text(f"{prefix}/frames_legend", legend, step)
+        with torch.no_grad():
+            for name, forward in forwards.items():
+                drawn[f"{name}_prediction"] = self.task.prediction_images(forward(inputs))
+        for picture, images in drawn.items():
+            for k, image in enumerate(images):
+                self.writer.add_image(f"{prefix}/frame{k}/{picture}", image, step)
+        self.seconds += time.perf_counter() - start
+
     # --- the end --------------------------------------------------------------------------
 
     def final(self, report: dict, hparams: dict[str, object]) -> None:
@@ -366,6 +431,10 @@ class Monitor:
             metrics["final/monitor_overhead_fraction"] = self.seconds / self.loop_seconds
         for tag, value in metrics.items():
             self.scalar(tag, value, step)
+        # The other values of the int8 model's metric (segmentation: per-class IoU), kept out
+        # of the hparams summary below.
+        values = reports.field(report, "int8_metric_values") or {}
+        self.metric_values("final/int8", {k: v for k, v in values.items() if k != metric}, step)
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         # Into this run's own event file (SummaryWriter.add_hparams would start a sub-run), so

@@ -37,6 +37,7 @@ from qatdist.quant import (
     inductor_can_compile,
     phase_at,
 )
+from qatdist.quant import target as quant_target
 from qatdist.run.checkpoint import (
     Checkpointer,
     CheckpointError,
@@ -88,6 +89,12 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         # Schedule points given as fractions of the run become steps (what resolved_config holds).
         self.cfg = cfg = with_schedule_steps(cfg, self.total_steps)
+        # quant.target 'auto' becomes the target of the weakest CPU that trains, on every rank.
+        if cfg.quant.target == "auto":
+            target = quant_target.weakest(all_gather_object(quant_target.cpu_target()))
+            self.cfg = cfg = dataclasses.replace(
+                cfg, quant=dataclasses.replace(cfg.quant, target=target)
+            )
 
         # The same seed on every rank: identical initial weights.
         self.qat = QatModel.build(
@@ -100,6 +107,8 @@ class Trainer:
             aux_loss=self.task.aux_head,
         )
         torch.manual_seed(cfg.train.seed + 1 + env.rank)  # per-rank dropout streams
+        # Every validation sample in one process: the final measures and the accuracy budget.
+        self.full_val_batches = data.full_val_batches(cfg.data, self.task)
         self.monitor = Monitor(
             self.run.root,
             cfg.log,
@@ -108,6 +117,7 @@ class Trainer:
             total_steps=self.total_steps,
             log_every_steps=cfg.train.log_every_steps,
             global_batch_size=global_batch,
+            val_batches=self.full_val_batches,
         )
         self.ddp = wrap_ddp(
             self.qat.prepared,
@@ -131,8 +141,6 @@ class Trainer:
             self.distillation = Distillation(
                 teacher, cfg.train.distill_weight, cfg.train.distill_temperature
             )
-        # Every validation sample in one process: the final measures and the accuracy budget.
-        self.full_val_batches = data.full_val_batches(cfg.data, self.task)
         self.baselines = Baselines(
             self.task,
             cfg.quant,
@@ -404,26 +412,48 @@ class Trainer:
             world_size=self.env.world_size,
         )
 
+    def _metric_values(self, forward) -> dict[str, float]:
+        """The task's metric values of `forward` over every rank's val share (collective)."""
+        batches = self._val_batches(self.cfg.runtime.latency_batch_size)
+        return evaluate(self.task, forward, batches)
+
     def _primary(self, forward) -> float:
         """The task's primary metric of `forward` over every rank's val share (collective)."""
-        batches = self._val_batches(self.cfg.runtime.latency_batch_size)
-        return evaluate(self.task, forward, batches)[self.task.metric]
+        return self._metric_values(forward)[self.task.metric]
+
+    def _show_frames(
+        self, prefix: str, qat: QatModel, int8_model: torch.nn.Module | None = None
+    ) -> None:
+        """The monitor's validation frames with the predictions of `qat`'s weights in float
+        (`fp32`) and of its int8 conversion (`int8_model`, converted here when None); local,
+        and nothing is computed where the monitor draws no frames."""
+        if not self.monitor.draws_frames:
+            return
+        if int8_model is None:
+            with qat.evaluating():
+                int8_model = qat.to_int8()
+        with qat.evaluating(fake_quant=False) as fp32:
+            self.monitor.frames(prefix, self.step, {"fp32": fp32, "int8": int8_model})
 
     def evaluate(self, epoch: int | None = None) -> dict:
         """The task's primary metric of the fake-quant model (eval mode) and of a converted
-        int8 copy, split over ranks (`fake_quant_<metric>`, `int8_<metric>`). Observers are
-        paused and RNG states restored: training continues unchanged."""
+        int8 copy, split over ranks (`fake_quant_<metric>`, `int8_<metric>`); every metric
+        value and the validation frames to the monitor. Observers are paused and RNG states
+        restored: training continues unchanged."""
         self.sync()
         metric = self.task.metric
         with self.qat.evaluating() as model:
-            fake_quant = self._primary(model)
-            int8 = self._primary(self.qat.to_int8())
+            fake_quant_values = self._metric_values(model)
+            int8_model = self.qat.to_int8()
+            int8_values = self._metric_values(int8_model)
+        fake_quant, int8 = fake_quant_values[metric], int8_values[metric]
         result = {"step": self.step, f"fake_quant_{metric}": fake_quant, f"int8_{metric}": int8}
         if epoch is not None:
             result["epoch"] = epoch
         self.history.append(result)
-        self.monitor.scalar(f"eval/fake_quant_{metric}", fake_quant, self.step)
-        self.monitor.scalar(f"eval/int8_{metric}", int8, self.step)
+        self.monitor.metric_values("eval/fake_quant", fake_quant_values, self.step)
+        self.monitor.metric_values("eval/int8", int8_values, self.step)
+        self._show_frames("eval", self.qat, int8_model)
         self.monitor.info(
             f"eval at step {self.step}: {metric} fake-quant {fake_quant:.4f} int8 {int8:.4f}"
         )
@@ -450,7 +480,9 @@ class Trainer:
             report = self._training_report(fake_quant, baselines) | budget_fields
             if not self.env.is_rank0:
                 return None
-            return self._finalize(report, final, model)
+            report = self._finalize(report, final, model)
+        self._show_frames("final", final)
+        return report
 
     def _training_report(self, fake_quant: float, baselines: dict[str, float]) -> dict:
         """The report fields only training knows (collective: gathers every rank's state hash,

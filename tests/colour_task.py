@@ -53,15 +53,9 @@ class CloseEnough(Agreement):
         self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
         self.output_scale = max(self.output_scale, float(reference.abs().max()))
 
-    def result(self) -> dict[str, float | int | None]:
+    def counts(self) -> tuple[int, int]:
         diffs = torch.cat(self.diffs) if self.diffs else torch.empty(0)
-        agree = int((diffs <= 0.1 * self.output_scale).sum())
-        return {
-            "agreement": agree / len(diffs) if len(diffs) else None,
-            "comparable": len(diffs),
-            "max_abs_diff": self.max_abs_diff,
-            "output_scale": self.output_scale,
-        }
+        return int((diffs <= 0.1 * self.output_scale).sum()), len(diffs)
 
 
 class MeanColour(Task):

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import require
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "export_final.py"
@@ -19,7 +20,6 @@ SCRIPT = ROOT / "scripts" / "export_final.py"
 # (one export, not two: each converts and compiles the model again).
 HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
 FORMATS = ["pt2", "aoti", "openvino"] if HAVE_OPENVINO else ["pt2", "aoti"]
-needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason="openvino not installed ([peers])")
 
 
 def run_script(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -226,11 +226,11 @@ def test_loaded_pt2_compiles_to_int8_kernels_through_load_int8(export, tmp_path)
     assert loaded == {"conv": 20, "linear": 1}  # every resnet18 conv and the linear
 
 
-@needs_openvino
 def test_openvino_ir_runs_int8_kernels_and_matches_the_converted_model(export):
     """The IR of `convert_pt2e(fold_quantize=False)`: every convolution and the linear an int8
     kernel in OpenVINO's runtime model, outputs within int8 rounding of the converted PT2E
     model, timed and evaluated beside the Inductor artifacts."""
+    require(HAVE_OPENVINO, "openvino not installed (the optional `peers` extra)")
     import torch
 
     out, report = export["out"], export["report"]

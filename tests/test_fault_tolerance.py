@@ -94,7 +94,8 @@ KILL_MID_WRITE = textwrap.dedent(
     # first file of checkpoint step-<step> is written: a real kill inside a write, at a known
     # point. Usage: kill_mid_write.py <step> <attempt> [train args].
     import os, signal, sys
-    from qatdist.run import checkpoint, train
+    from qatdist import train
+    from qatdist.run import checkpoint
 
     step, attempt = sys.argv[1:3]
     if os.environ["RANK"] == "0" and os.environ["TORCHELASTIC_RESTART_COUNT"] == attempt:

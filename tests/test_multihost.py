@@ -2,7 +2,8 @@
 and address, with the hostname resolving to loopback in both (Debian's /etc/hosts layout), one
 torchrun agent in each through `launch/multinode.sh` exactly as docs/placement.md tells a user.
 "localhost"-style addressing fails here; only the route-based choice of address and interface
-works. Needs root and `ip netns` (iproute2); skips with the reason elsewhere.
+works. Needs root and `ip netns` (iproute2): skips with the reason on a developer's machine
+without them, fails under CI=true (`conftest.require`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import require
 from jobs import ROOT, Job, launch_env
 from test_fault_tolerance import STEPS, report_of, run_args, steps_written
 
@@ -55,8 +57,7 @@ def hosts():
     them, loopback up, and in each an /etc/hosts (bind-mounted by `ip netns exec`) mapping
     the hostname to 127.0.1.1. Everything is removed whatever happens."""
     why = _why_no_netns()
-    if why:
-        pytest.skip(why)
+    require(why is None, why or "")
     tag = f"{os.getpid() % 100000}"
     subnet = f"10.231.{os.getpid() % 250}"
     made: list[str] = []

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from conftest import require
 from test_bench import _load_script
 
 from benchmarks import peers
@@ -133,14 +134,15 @@ def test_each_stack_runs_in_its_own_process_and_is_judged_before_timing():
         peers.peer_latency("resnet18", stacks=("tensorrt_int8",))
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None,
-    reason="OpenVINO / NNCF not installed (the optional `peers` extra)",
-)
 def test_openvino_stacks_run_on_a_small_model():
     """OpenVINO fp32, NNCF int8 and qatdist's OpenVINO IR of resnet18 at 64x64: outputs within
     the bounds, every convolution and the linear an int8 kernel at run time, positive
     latencies, qatdist's IR compared with NNCF's int8."""
+    require(
+        importlib.util.find_spec("openvino") is not None
+        and importlib.util.find_spec("nncf") is not None,
+        "OpenVINO / NNCF not installed (the optional `peers` extra: pip install -e '.[peers]')",
+    )
     result = peers.peer_latency(
         "resnet18",
         batch_sizes=(2,),

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, torchrun
+from conftest import ROOT, require, torchrun
 from PIL import Image
 
 from qatdist.config.factories import load_factory
@@ -23,10 +23,13 @@ CIFAR = SHARED / "data" / "cifar10"
 RESNET20 = SHARED / "models" / "resnet20_cifar10"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
-pytestmark = pytest.mark.skipif(
-    not (CIFAR.is_dir() and RESNET20.is_dir()),
-    reason=f"needs the shared CIFAR-10 shards and ResNet-20 in {SHARED} (beside the checkout)",
-)
+
+@pytest.fixture(autouse=True)
+def _shared_data():
+    require(
+        CIFAR.is_dir() and RESNET20.is_dir(),
+        f"needs the shared CIFAR-10 shards and ResNet-20 in {SHARED} (beside the checkout)",
+    )
 
 
 def _samples(shard: Path, every: int) -> list[tuple[str, bytes, int]]:

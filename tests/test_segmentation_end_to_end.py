@@ -19,6 +19,20 @@ from conftest import ROOT, torchrun
 from qatdist.quant import load_int8
 
 UNET = str(Path(__file__).resolve().parent / "seg_unet.py") + ":unet"
+CAMVID_NAMES = [
+    "sky",
+    "building",
+    "pole",
+    "road",
+    "pavement",
+    "tree",
+    "sign/symbol",
+    "fence",
+    "car",
+    "pedestrian",
+    "bicyclist",
+]
+SIZE_GUIDANCE = {k: 0 for k in ("scalars", "images", "tensors")}
 
 
 FULL_FRAME = (48, 64)  # the slice's full frame (task.eval_size)
@@ -37,6 +51,7 @@ def seg_run(camvid_tiny: dict, tmp_path_factory) -> dict:
             "--task.scale_range=[0.75, 1.25]",
             "--task.eval_size=[48, 64]",  # the slice's full frame: latency measured there
             "--task.class_weighting=median_frequency",
+            f"--task.class_names={json.dumps(CAMVID_NAMES)}",
             f"--model.name={UNET}",
             "--data.num_classes=11",
             "--data.image_size=32",
@@ -47,6 +62,8 @@ def seg_run(camvid_tiny: dict, tmp_path_factory) -> dict:
             "--train.epochs=1",
             "--train.steps_per_epoch=4",
             "--train.log_every_steps=2",
+            "--train.eval_every_epochs=1",
+            "--log.val_frames=3",
             "--train.distill_weight=0.3",
             "--quant.sync_every_steps=2",
             "--quant.fake_quant_start_step=1",
@@ -86,6 +103,30 @@ def test_two_ranks_to_a_compiled_int8_segmenter(seg_run: dict) -> None:
         logits = program(torch.randn(3, 3, 48, 64))
     logits = logits["out"] if isinstance(logits, dict) else logits
     assert logits.shape == (3, 11, 48, 64)
+
+    # TensorBoard: the first 3 val frames, their label maps and both models' predictions as
+    # pictures of the frame's size, at the evaluation and at the end; every metric value.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tb"), size_guidance=SIZE_GUIDANCE)
+    acc.Reload()
+    pictures = ("image", "ground_truth", "fp32_prediction", "int8_prediction")
+    expected = {f"{p}/frame{k}/{n}" for p in ("eval", "final") for k in range(3) for n in pictures}
+    images = set(acc.Tags()["images"])
+    assert expected <= images and not any("frame3" in tag for tag in images)
+    for tag in expected:
+        event = acc.Images(tag)[-1]
+        assert (event.height, event.width, event.step) == (48, 64, 4), tag
+    legend = acc.Tensors("eval/frames_legend/text_summary")[0].tensor_proto.string_val[0]
+    assert "| 6 | sign/symbol | (192, 128, 128) #c08080 |" in legend.decode()
+    scalars = set(acc.Tags()["scalars"])
+    for prefix in ("eval/fake_quant", "eval/int8"):
+        assert {f"{prefix}_miou", f"{prefix}_pixel_accuracy"} <= scalars
+        assert any(tag.startswith(f"{prefix}_iou_") for tag in scalars), prefix
+    for key, value in values.items():
+        assert acc.Scalars(f"final/int8_{key}")[-1].value == pytest.approx(value), key
+    per_class = set(values) - {"miou", "pixel_accuracy"}
+    assert per_class and per_class <= {"iou_" + n.replace("/", "_") for n in CAMVID_NAMES}
 
 
 def openvino_formats() -> list[str]:

@@ -17,11 +17,14 @@ from PIL import Image
 from qatdist.config import DEMO_SHARDS, ConfigError, DataConfig, TaskConfig, from_dict, validate
 from qatdist.data.shards import read_shard
 from qatdist.tasks.segmentation import (
+    PALETTE,
     ConfusionMatrix,
     PixelAgreement,
     Segmentation,
     build,
+    class_colours,
     class_weights,
+    colourise,
     pixel_counts,
 )
 
@@ -203,6 +206,33 @@ def test_pixel_agreement() -> None:
     assert result["comparable"] < 2 * 6 * 7  # only pixels decided beyond the difference
 
 
+def test_label_maps_drawn_in_the_palette_with_ignored_pixels_black() -> None:
+    labels = torch.tensor([[[0, 1, IGNORE], [2, 2, 0]]])
+    pictures = colourise(labels, class_colours(3))
+    assert pictures.dtype == torch.uint8 and pictures.shape == (1, 3, 2, 3)
+    expected = [[PALETTE[0], PALETTE[1], (0, 0, 0)], [PALETTE[2], PALETTE[2], PALETTE[0]]]
+    assert pictures[0].permute(1, 2, 0).tolist() == [[list(c) for c in row] for row in expected]
+    # Past the fixed palette, still one distinct colour per class, none of them black.
+    many = class_colours(40)
+    assert len({tuple(c) for c in many.tolist()}) == 40 and [0, 0, 0] not in many.tolist()
+
+
+def test_frame_and_prediction_pictures() -> None:
+    t = task(class_names=["sky", "road", "car"])
+    labels = torch.tensor([[[0, 1], [2, IGNORE]]])
+    inputs = (torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2) - 0.5) / 0.25
+    pictures = t.frame_images(inputs, labels)
+    assert pictures["image"].dtype == torch.uint8
+    assert pictures["image"][0, :, 0, 0].tolist() == [0, 128, 255]  # normalisation undone
+    assert torch.equal(pictures["ground_truth"], colourise(labels, class_colours(3)))
+    predicted = torch.tensor([[[2, 2], [1, 0]]])
+    drawn = t.prediction_images({"out": one_hot_logits(predicted, 3)})
+    assert torch.equal(drawn, colourise(predicted, class_colours(3)))
+    legend = t.frame_legend()
+    for line in ("| 1 | road | (128, 0, 0) #800000 |", f"| {IGNORE} | ignored"):
+        assert line in legend
+
+
 def test_config_keys_are_checked() -> None:
     demo = {**DEMO_SHARDS, "generate_demo": True}  # shards that need not exist yet
     validate(from_dict({"task": {"ignore_index": 11, "crop_size": [64, 96]}, "data": demo}))
@@ -215,6 +245,8 @@ def test_config_keys_are_checked() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             validate(from_dict({"task": bad, "data": demo}))
+    with pytest.raises(ConfigError, match="log.val_frames"):
+        validate(from_dict({"log": {"val_frames": -1}, "data": demo}))
 
 
 def test_class_weights_from_the_camvid_slice(camvid_tiny: dict) -> None:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run_args
+from conftest import ROOT, require, tiny_run_args
 from safetensors.torch import save_file
 from torch import nn
 
@@ -331,8 +331,8 @@ def test_train_exits_2_when_the_factory_raises(tiny_shards, tmp_path, factory_fi
 # --- the public CIFAR-10 ResNet-20, from its own codebase ----------------------------------------
 
 
-@pytest.mark.skipif(not SHARED_MODEL.is_dir(), reason=f"{SHARED_MODEL} is not on this machine")
 def test_public_resnet20_loads_as_its_own_code_loads_it():
+    require(SHARED_MODEL.is_dir(), f"{SHARED_MODEL} is not on this machine")
     weights = SHARED_MODEL / "resnet20-12fca82f.th"
     cfg = ModelConfig(name=f"{SHARED_MODEL / 'resnet.py'}:resnet20", weights=str(weights))
     model, source = build_fp32(cfg, num_classes=10, image_size=32)

@@ -12,6 +12,7 @@ from qatdist.config.factories import FORMS, factory_file, split_spec
 from qatdist.config.sections import (
     BUILTIN_TASKS,
     GRAD_COMPRESSION,
+    INT8_TARGETS,
     SEGMENTATION_CLASS_WEIGHTING,
     Config,
     ConfigError,
@@ -148,6 +149,7 @@ def _check_training(cfg: Config) -> None:
     _require(t.lr > 0, "train.lr", "a positive number", t.lr)
     _require(t.eval_every_epochs >= 0, "train.eval_every_epochs", ">= 0", t.eval_every_epochs)
     _require(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+    _require(cfg.log.val_frames >= 0, "log.val_frames", "an integer >= 0", cfg.log.val_frames)
     _require(
         t.on_nonfinite in ("stop", "skip"), "train.on_nonfinite", "'stop' or 'skip'", t.on_nonfinite
     )
@@ -182,6 +184,12 @@ def _check_fraction(section: str, key: str, value: float) -> None:
 
 
 def _check_quant(q: QuantConfig) -> None:
+    _require(
+        q.target in INT8_TARGETS,
+        "quant.target",
+        " or ".join(repr(name) for name in INT8_TARGETS),
+        q.target,
+    )
     for key in ("fake_quant_start_at", "observer_freeze_at", "bn_freeze_at"):
         _check_fraction("quant", key, getattr(q, key))
     _require(

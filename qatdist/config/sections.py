@@ -204,6 +204,12 @@ class QuantConfig:
     sensitivity_candidates: int = _f(
         8, "Accuracy budget: most-sensitive layers whose metric gain in fp32 is measured."
     )
+    target: str = _f(
+        "auto",
+        "CPU the int8 model is built for: 'vnni' (int8 dot products: avx512_vnni, avx_vnni or "
+        "amx_int8), 'avx2' (none: weights quantized to -64..63 so oneDNN's int16 pair sums "
+        "cannot saturate), 'auto' (the CPUs that train; 'avx2' if any rank lacks them).",
+    )
 
 
 @dataclass
@@ -262,6 +268,12 @@ class CheckpointConfig:
 class LogConfig:
     tensorboard: bool = _f(True, "Write TensorBoard events to run.out_dir/tb.")
     quant_every_steps: int = _f(0, "Quant summaries interval (0: at each statistics sync).")
+    val_frames: int = _f(
+        4,
+        "The first N validation frames shown in TensorBoard with the fp32 and int8 models' "
+        "predictions at each evaluation and at the end, for a task that draws them "
+        "(segmentation: colour masks); 0 = none.",
+    )
 
 
 @dataclass
@@ -291,6 +303,7 @@ class RuntimeConfig:
 
 
 GRAD_COMPRESSION = ("none", "bf16", "fp16")
+INT8_TARGETS = ("auto", "vnni", "avx2")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.export import Dim
 
 from qatdist.finish import openvino_ir
 from qatdist.finish.checks import FinalCheckFailed
+from qatdist.quant import target as quant_target
 from qatdist.run import report as reports
 from qatdist.tasks import Task
 
@@ -50,12 +51,14 @@ def aoti_package_source(package: Path) -> str:
 def export_int8(
     int8_model: torch.nn.Module, example: torch.Tensor, path: Path
 ) -> torch.export.ExportedProgram:
-    """Save the converted model with a dynamic batch dimension (`torch.export.save`) and return
-    the exported program. Load it with `qatdist.quant.load_int8`: `torch.export.load` after a
-    plain `import torchao` runs it, but compiles it to fp32 kernels."""
+    """Save the converted model with a dynamic batch dimension (`torch.export.save`, its
+    `quant.target` in the metadata) and return the exported program. Load it with
+    `qatdist.quant.load_int8`: `torch.export.load` after a plain `import torchao` runs it, but
+    compiles it to fp32 kernels."""
     batch = Dim("batch", min=1, max=65536)
     exported = torch.export.export(int8_model, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(exported, str(path))
+    extra_files = quant_target.metadata(quant_target.target_of(exported.graph))
+    torch.export.save(exported, str(path), extra_files=extra_files)
     return exported
 
 

@@ -31,6 +31,7 @@ import torch
 from qatdist.finish import artifacts, checks, measurement
 from qatdist.finish.checks import FinalCheckFailed, QuantizationIncomplete
 from qatdist.quant import inspect as quant_inspect
+from qatdist.quant import target as quant_target
 from qatdist.quant.convert import convert_to_int8
 from qatdist.run import report as reports
 from qatdist.tasks import Task
@@ -81,7 +82,9 @@ def finalize(
 
     Before anything is written, the int8 model must answer a batch identically twice, and
     `eval_mismatch(images)` (`QatModel.eval_mismatch`: the float eval graph against the eager
-    model in eval mode) must find nothing; otherwise FinalCheckFailed.
+    model in eval mode) must find nothing; otherwise FinalCheckFailed. After the measurements,
+    the compiled (and AOTI) int8 outputs must stay within `checks.INT8_REL_OUTPUT_DIFF_BOUND` of
+    the converted reference's scale; otherwise Int8Disagreement, and nothing is written.
     """
     batch_sizes = sorted(set(batch_sizes))
     if not batch_sizes or batch_sizes[0] < 1:
@@ -95,6 +98,7 @@ def finalize(
 
     with artifacts.staged_output(out_dir) as stage:
         int8_model = convert_to_int8(prepared)
+        full["int8_target"] = quant_target.target_of(int8_model.graph)
         generator = torch.Generator().manual_seed(0)
         height, width = input_size or (image_size, image_size)
         examples = {b: torch.randn(b, 3, height, width, generator=generator) for b in batch_sizes}
@@ -154,5 +158,6 @@ def finalize(
             key = reports.metric_key("int8_openvino", task.metric)
             full |= {key: measures["metric"]["int8_openvino"]}
         full = checks.flag_slower_int8(reports.with_derived(full | measurement.machine_facts()))
+        checks.check_int8_agreement(full, full["cpu_int8_capabilities"])
         artifacts.write_views(stage, full, rows, batch_sizes)
     return full

@@ -15,6 +15,7 @@ import torch
 import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+from qatdist.quant import target as quant_target
 from qatdist.quant.fixes.batchnorm import fold_with_model_bn_eps
 from qatdist.quant.fixes.ceil_pool import rewrite_ceil_mode_int8_max_pools
 from qatdist.quant.fixes.conv_bn_patterns import only_present_conv_types
@@ -76,8 +77,16 @@ def load_int8(path: str | Path) -> torch.export.ExportedProgram:
     `torch._inductor.aoti_compile_and_package`, to emit oneDNN qconv/qlinear calls). A plain
     `import torch, torchao` loads and runs the program eagerly but compiles it to fp32
     convolutions. Raises FileNotFoundError when `path` does not exist.
+
+    A program built for a stronger CPU than this one (its `quant.target`, saved in its metadata)
+    warns once (`Int8TargetWarning`), naming both: its int16 sums may saturate here.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such int8 program (model_int8.pt2)")
-    return torch.export.load(str(path))
+    extra_files = {quant_target.METADATA_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra_files)
+    target = quant_target.saved_target(extra_files) or quant_target.target_of(program.graph)
+    if target is not None:
+        quant_target.warn_if_weaker_cpu(target)
+    return program

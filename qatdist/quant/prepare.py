@@ -7,10 +7,6 @@ import re
 import warnings
 
 import torch
-
-# Importing torchao 0.18 makes torch log "<enum 'KernelPreference'> is an Enum subclass ...
-# register_constant() ... deprecated": torchao registers an enum through an API torch 2.14
-# deprecates for enums (it handles them natively now). Harmless; docs/monitoring.md lists it.
 from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 from torchao.quantization.pt2e.quantizer import QuantizationConfig
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -19,6 +15,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
 )
 
 from qatdist.config import ConfigError, QuantConfig
+from qatdist.quant import target as quant_target
 from qatdist.quant.fixes.attention import attribute_functional_linears
 from qatdist.quant.fixes.batchnorm import bn_literals, restore_bn_literals
 from qatdist.quant.fixes.constant_layers import drop_constant_annotations
@@ -103,8 +100,9 @@ REFUSED_CONFIG_WARNINGS = (
 def build_quantizer(
     cfg: QuantConfig, global_config: QuantizationConfig | None = None
 ) -> X86InductorQuantizer:
-    """A new x86 Inductor quantizer with `global_config` (default: the QAT config) for every
-    layer but those `cfg` keeps in fp32.
+    """A new x86 Inductor quantizer with `global_config` (default: the QAT config), its weight
+    range that of `cfg.target` (`qatdist.quant.target`), for every layer but those `cfg` keeps
+    in fp32.
 
     One quantizer holds one kind of config: `X86InductorQuantizer` refuses to mix QAT and
     post-training configs, so each mode builds its own quantizer."""
@@ -112,9 +110,8 @@ def build_quantizer(
     with warnings.catch_warnings():
         for message in REFUSED_CONFIG_WARNINGS:
             warnings.filterwarnings("error", message=re.escape(message), category=UserWarning)
-        quantizer.set_global(
-            global_config or get_default_x86_inductor_quantization_config(is_qat=True)
-        )
+        default = get_default_x86_inductor_quantization_config(is_qat=True)
+        quantizer.set_global(quant_target.for_target(global_config or default, cfg.target))
         for name in cfg.fp32_module_names:
             quantizer.set_module_name_qconfig(name, None)
         for dotted in cfg.fp32_module_types:

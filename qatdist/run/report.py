@@ -225,6 +225,12 @@ _KEYS = [
     # Machine
     ("cpu_model", "str", "CPU model name from /proc/cpuinfo"),
     ("cpu_int8_capabilities", "dict", "int8 dot-product ISA: avx512_vnni, avx_vnni, amx_int8"),
+    (
+        "int8_target",
+        "str | None",
+        "quant.target the int8 model was built for, read from its weights' range: 'avx2' "
+        "(-64..63, exact without int8 dot products) or 'vnni' (-128..127); null: no int8 weight",
+    ),
     ("threads", "int", "torch threads of the final measurements"),
     ("torch_version", "str", "torch version"),
     ("torchao_version", "str", "torchao version"),

@@ -58,18 +58,32 @@ class Metric(abc.ABC):
 
 class Agreement(abc.ABC):
     """Compares a model's outputs with a reference's over batches (the compiled int8 model
-    against the converted reference, an AOTI package or OpenVINO IR against it)."""
+    against the converted reference, an AOTI package or OpenVINO IR against it). `update`
+    keeps `max_abs_diff` (largest |difference| of the compared outputs) and `output_scale` (the
+    reference outputs' scale, e.g. their largest |value|), so that the difference can be judged
+    relative to it; `counts` says how many predictions agree."""
+
+    max_abs_diff: float = 0.0
+    output_scale: float = 0.0
 
     @abc.abstractmethod
     def update(self, reference: Outputs, other: Outputs) -> None:
         """Add one batch of both models' outputs on the same inputs."""
 
     @abc.abstractmethod
+    def counts(self) -> tuple[int, int]:
+        """(agreeing, comparable) predictions so far."""
+
     def result(self) -> dict[str, float | int | None]:
-        """At least `agreement` (fraction of comparable predictions that agree, None when none
-        is comparable), `comparable` (how many were), `max_abs_diff` (largest |difference| of
-        the compared outputs) and `output_scale` (the reference outputs' scale, e.g. their
-        largest |value|), so that the difference can be judged relative to it."""
+        """`agreement` (fraction of comparable predictions that agree, None when none is
+        comparable), `comparable`, `max_abs_diff` and `output_scale`."""
+        agree, comparable = self.counts()
+        return {
+            "agreement": agree / comparable if comparable else None,
+            "comparable": comparable,
+            "max_abs_diff": self.max_abs_diff,
+            "output_scale": self.output_scale,
+        }
 
 
 class Task(abc.ABC):
@@ -156,3 +170,21 @@ class Task(abc.ABC):
     @abc.abstractmethod
     def new_agreement(self) -> Agreement:
         """An empty agreement meter."""
+
+    # --- pictures (TensorBoard) -------------------------------------------------------------
+
+    def frame_images(self, inputs: torch.Tensor, target: Target) -> dict[str, torch.Tensor]:
+        """Pictures of a batch of validation samples, as the monitor shows them beside each
+        model's predictions: {name: uint8 (N, 3, H, W)} (segmentation: `image`,
+        `ground_truth`). The default, none: the task draws nothing and the monitor shows no
+        frames."""
+        return {}
+
+    def prediction_images(self, outputs: Outputs) -> torch.Tensor:
+        """One model's `outputs` on the batch `frame_images` drew, as uint8 (N, 3, H, W)
+        pictures in the same colours. Called only for a task whose `frame_images` draws."""
+        raise NotImplementedError(f"{type(self).__name__} draws no predictions")
+
+    def frame_legend(self) -> str:
+        """Markdown that says what the colours of the pictures mean ('' for nothing)."""
+        return ""

@@ -82,15 +82,6 @@ class DecidedAgreement(Agreement):
         decided = torch.cat(self._margins) > self.max_abs_diff
         return int((torch.cat(self._same) & decided).sum()), int(decided.sum())
 
-    def result(self) -> dict[str, float | int | None]:
-        agree, comparable = self.counts()
-        return {
-            "agreement": agree / comparable if comparable else None,
-            "comparable": comparable,
-            "max_abs_diff": self.max_abs_diff,
-            "output_scale": self.output_scale,
-        }
-
 
 def agreement_where_decided(reference: torch.Tensor, other: torch.Tensor) -> tuple[int, int]:
     """(agreeing, comparable) samples of `other` logits against `reference` logits: only

@@ -15,6 +15,7 @@ random scale of the frame (`task.scale_range`), random crop (`task.crop_size`), 
 
 from __future__ import annotations
 
+import colorsys
 import logging
 import re
 from collections.abc import Callable
@@ -89,6 +90,58 @@ class ConfusionMatrix(Metric):
         return values
 
 
+# Class colours: SegNet's CamVid palette (sky, building, pole, road, pavement, tree,
+# sign/symbol, fence, car, pedestrian, bicyclist), then Cityscapes' colours for the classes
+# CamVid lacks; classes past these get colours spread around the hue circle.
+PALETTE = (
+    (128, 128, 128),
+    (128, 0, 0),
+    (192, 192, 128),
+    (128, 64, 128),
+    (60, 40, 222),
+    (128, 128, 0),
+    (192, 128, 128),
+    (64, 64, 128),
+    (64, 0, 128),
+    (64, 64, 0),
+    (0, 128, 192),
+    (244, 35, 232),
+    (70, 70, 70),
+    (102, 102, 156),
+    (190, 153, 153),
+    (250, 170, 30),
+    (220, 220, 0),
+    (107, 142, 35),
+    (152, 251, 152),
+    (70, 130, 180),
+    (220, 20, 60),
+    (255, 0, 0),
+    (0, 0, 142),
+    (0, 80, 100),
+)
+IGNORED_COLOUR = (0, 0, 0)
+"""Pixels of the ignore index (and any other label outside the classes) are drawn black."""
+
+
+def class_colours(num_classes: int) -> torch.Tensor:
+    """uint8 (num_classes, 3): PALETTE's colours, then hues spaced by the golden ratio."""
+    colours = list(PALETTE[:num_classes])
+    for c in range(len(colours), num_classes):
+        hue = (c * 0.618033988749895) % 1.0
+        colours.append(tuple(round(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.75, 0.9)))
+    return torch.tensor(colours, dtype=torch.uint8).reshape(num_classes, 3)
+
+
+def colourise(labels: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) pictures of (N, H, W) label maps: class c in `colours[c]`, every
+    other value (the ignore index) black."""
+    labels = labels.long()
+    known = (labels >= 0) & (labels < colours.shape[0])
+    table = torch.cat([colours, torch.tensor([IGNORED_COLOUR], dtype=torch.uint8)])
+    index = torch.where(known, labels, colours.shape[0])
+    return table[index].permute(0, 3, 1, 2).contiguous()
+
+
 def top2_margin(logits: torch.Tensor) -> torch.Tensor:
     """Per pixel, the gap between the largest and the second-largest class logit."""
     top2 = logits.float().topk(2, dim=1).values
@@ -132,15 +185,6 @@ class PixelAgreement(Agreement):
         agree = int((torch.cat(self._agreeing) > self.max_abs_diff).sum())
         differ = int((torch.cat(self._differing) > self.max_abs_diff).sum())
         return agree, agree + differ
-
-    def result(self) -> dict[str, float | int | None]:
-        agree, comparable = self.counts()
-        return {
-            "agreement": agree / comparable if comparable else None,
-            "comparable": comparable,
-            "max_abs_diff": self.max_abs_diff,
-            "output_scale": self.output_scale,
-        }
 
 
 def pixel_counts(
@@ -294,6 +338,32 @@ class Segmentation(Task):
 
     def new_agreement(self) -> PixelAgreement:
         return PixelAgreement()
+
+    # --- pictures (TensorBoard) -----------------------------------------------------------
+
+    def frame_images(self, inputs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frames as the model sees them (normalisation undone) and their label maps in
+        the class colours (`class_colours`, the ignore index black)."""
+        pixels = (inputs.float() * self._std + self._mean).clamp(0, 1)
+        return {
+            "image": (pixels * 255).round().to(torch.uint8),
+            "ground_truth": colourise(target, class_colours(self.num_classes)),
+        }
+
+    def prediction_images(self, outputs: Outputs) -> torch.Tensor:
+        """Each pixel's predicted class (argmax of `out`) in the class colours."""
+        return colourise(logits_of(outputs).argmax(dim=1), class_colours(self.num_classes))
+
+    def frame_legend(self) -> str:
+        """A Markdown table: class index, name (task.class_names), colour (RGB and hex)."""
+        names = self.task_cfg.class_names or [str(c) for c in range(self.num_classes)]
+        rows = ["| index | class | colour (RGB) |", "| --- | --- | --- |"]
+        for c, (name, rgb) in enumerate(zip(names, class_colours(self.num_classes).tolist())):
+            rows.append(f"| {c} | {name} | {tuple(rgb)} #{bytes(rgb).hex()} |")
+        rows.append(
+            f"| {self.ignore_index} | ignored (task.ignore_index) | {IGNORED_COLOUR} #000000 |"
+        )
+        return "\n".join(rows)
 
 
 def build(task_cfg: TaskConfig, data_cfg: DataConfig) -> Segmentation:

@@ -271,6 +271,17 @@ def discover(sysfs_root: str = "/sys") -> Topology:
 # are fast with), and the related bf16 flag worth recording beside them.
 INT8_DOT_PRODUCT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 RECORDED_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16")
+# oneDNN dispatches no ISA above ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA) when set:
+# these caps leave it without int8 dot products whatever the CPU has.
+ONEDNN_ISAS_WITHOUT_INT8_DOT_PRODUCT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
+def onednn_max_cpu_isa() -> str | None:
+    """The ISA cap oneDNN reads from the environment (upper case), None when not set."""
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if value := os.environ.get(variable):
+            return value.upper()
+    return None
 
 
 def cpu_int8_capabilities(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
@@ -278,9 +289,10 @@ def cpu_int8_capabilities(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
 
     Keys: `torch_cpu_capability` (`torch.backends.cpu.get_cpu_capability()`, e.g. "AVX512"),
     `cpu_model` ("model name" of the first processor), one bool per flag of
-    `RECORDED_CPU_FLAGS` (set only when every processor listed has it), and `int8_dot_product`:
-    any of `INT8_DOT_PRODUCT_FLAGS`. Raises OSError when `cpuinfo_path` cannot be read and
-    ValueError when it has no "flags" line.
+    `RECORDED_CPU_FLAGS` (set only when every processor listed has it), `onednn_max_cpu_isa`
+    (`onednn_max_cpu_isa()`), and `int8_dot_product`: any of `INT8_DOT_PRODUCT_FLAGS`, unless
+    that cap keeps oneDNN's kernels below them. Raises OSError when `cpuinfo_path` cannot be
+    read and ValueError when it has no "flags" line.
     """
     import torch  # here so the planning CLI starts without loading torch
 
@@ -302,7 +314,10 @@ def cpu_int8_capabilities(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
         "cpu_model": model,
     }
     caps.update({flag: flag in common for flag in RECORDED_CPU_FLAGS})
-    caps["int8_dot_product"] = any(caps[flag] for flag in INT8_DOT_PRODUCT_FLAGS)
+    caps["onednn_max_cpu_isa"] = onednn_max_cpu_isa()
+    caps["int8_dot_product"] = any(caps[flag] for flag in INT8_DOT_PRODUCT_FLAGS) and (
+        caps["onednn_max_cpu_isa"] not in ONEDNN_ISAS_WITHOUT_INT8_DOT_PRODUCT
+    )
     return caps
 
 
@@ -313,12 +328,20 @@ def cpu_int8_preflight(cpuinfo_path: str = "/proc/cpuinfo") -> dict:
     from the converted model's by more than rounding."""
     caps = cpu_int8_capabilities(cpuinfo_path)
     if not caps["int8_dot_product"]:
+        cap = caps["onednn_max_cpu_isa"]
+        lacking = (
+            f"oneDNN capped at {cap} (ONEDNN_MAX_CPU_ISA)"
+            if cap in ONEDNN_ISAS_WITHOUT_INT8_DOT_PRODUCT
+            and any(caps[flag] for flag in INT8_DOT_PRODUCT_FLAGS)
+            else f"none of {', '.join(INT8_DOT_PRODUCT_FLAGS)}"
+        )
         log.warning(
-            "this CPU (%s, torch capability %s) has none of %s: int8 convolutions and matmuls "
-            "run without int8 dot-product instructions: they may be no faster than fp32, and "
-            "their int16 partial sums may saturate (accuracy below the converted model's)",
+            "this CPU (%s, torch capability %s) has %s: int8 convolutions and matmuls run "
+            "without int8 dot-product instructions: they may be no faster than fp32, and their "
+            "int16 partial sums saturate unless the weights are 7-bit (quant.target 'avx2', "
+            "what 'auto' picks here)",
             caps["cpu_model"] or "model unknown",
             caps["torch_cpu_capability"],
-            ", ".join(INT8_DOT_PRODUCT_FLAGS),
+            lacking,
         )
     return caps

@@ -21,6 +21,9 @@ quantizer's linear annotation then applies, and module-name filters still see th
 it (keeping `...self_attention` or `...attn` in fp32 keeps its projections in fp32 too;
 `...attn.qkv` names one projection). A bias computed in the graph (swin_v2 clones the qkv bias
 and zeroes its key part) is split off into an fp32 add, which Inductor's int8 linear needs.
+
+It can go when X86InductorQuantizer's linear annotation matches `aten.linear` nodes by op
+rather than by source module.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ A captured graph still holds the model's own values (export records each BatchNo
 so they are read from it before preparation (`bn_literals`), put back after it
 (`restore_bn_literals`), and handed to the convert-time fold (`fold_with_model_bn_eps`). BatchNorms
 are keyed by their running-mean buffer, which every rewrite keeps.
+
+It can go when torchao's conv-BN QAT rewrite and fold keep the model's BatchNorm literals
+(pytorch/ao#4107).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ floor mode gives ceil mode's output size, then pool in floor mode. `quant_min` d
 smallest value the tensor can hold, so the maximum over any window holding at least one real
 element is unchanged (checked per window; a pool that fails the check is left alone with a
 warning). The padded values are bitwise those of the ceil-mode pool.
+
+It can go when Inductor's int8 max-pool pattern binds `ceil_mode` to the pool's own argument.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ float").
 
 The image-dependent part is what `input_dependent` returns: every node reachable from a graph
 input (or, in a prepared graph, from a fake-quant module call, whose state changes in training).
+
+It can go when the quantizer leaves image-independent computations unannotated.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ full product of the partitions of each type and checks every candidate tuple pai
 32x32 spent over 9 minutes in it. `find_sequential_partitions_fast` returns the same list in the
 same order (the product's lexicographic order filtered by connection) by following each
 partition's users to the partitions of the next type instead of trying every pair.
+
+It can go when torchao's `find_sequential_partitions` stops enumerating the full product.
 """
 
 from __future__ import annotations

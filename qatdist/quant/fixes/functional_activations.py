@@ -13,6 +13,9 @@ is not quantized"; with the re-attribution all of them run int8).
 `attribute_functional_activations` gives every such activation node an innermost stack entry of
 the module type the quantizer looks for, named `<module>.relu` (`<module>.relu@1` for a second
 call in the same module), so the fusion applies; module-name filters still see the module above.
+
+It can go when torch.export fills `source_fn_stack` again, or the partition matcher reads
+`torch_fn` names such as "function.relu".
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ graph by name was tried first and does not hold: the branch changes what the qua
 (efficientnet's `project` conv + residual add is one int8 conv-add in eval, but in train the
 drop connect sits between them), so the two graphs quantize different ops. When the eval-mode
 capture is random too, the model is refused before training, naming the op and the module.
+
+It can go when torchao's train/eval switch removes (or torch.export records) training-only
+branches beyond dropout and batch norm.
 """
 
 from __future__ import annotations

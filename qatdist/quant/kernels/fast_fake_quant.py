@@ -20,9 +20,9 @@ backward, whatever the tensor's size, with vectorized loops on torch's thread po
    the backward is the straight-through estimator, its mask recomputed from the input rather
    than stored.
 
-An earlier version ran the same arithmetic as `torch.compile`d kernels: each call then cost
-about 220 us of Dynamo guards and Python autograd Function, so small tensors kept the ATen op
-(docs/performance.md has both measurements).
+C++ rather than `torch.compile`d kernels: those cost about 220 us a call in Dynamo guards and
+the Python autograd Function, more than the arithmetic for small tensors (docs/performance.md
+has both measurements).
 """
 
 from __future__ import annotations
