@@ -4,7 +4,9 @@ term from a frozen fp32 teacher."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -107,5 +109,11 @@ def train_step(
     loss_value = loss.item()
     if may_update is None or may_update(loss_value):
         optimizer.step()
-    scheduler.step()
+        scheduler.step()
+    else:
+        # Refused: the schedule still advances with the step count. torch warns when this is
+        # the run's first scheduler step (no optimizer step yet), which is the intent here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            scheduler.step()
     return loss_value, detached(outputs)
