@@ -203,7 +203,10 @@ def test_no_node_dir_falls_back_to_one_node(tmp_path):
     for ndir in (tmp_path / "devices/system/node").iterdir():
         (ndir / "cpulist").unlink()
         ndir.rmdir()
-    with pytest.warns(UserWarning, match="no nodeN directories"):
+    with (
+        pytest.warns(UserWarning, match="no nodeN directories"),
+        pytest.warns(UserWarning, match="as a single NUMA node"),
+    ):
         topo = discover(root)
     assert list(topo.nodes) == [0] and len(topo.cpus) == 112
     placements = plan(topo, 2, loader_cores=0)
@@ -214,7 +217,10 @@ def test_no_node_dir_falls_back_to_one_node(tmp_path):
 def test_garbage_cpulist_falls_back_with_warning(tmp_path):
     root = fake_sysfs(tmp_path, sockets=1, cores=4, smt=1, nodes_per_socket=2)
     (tmp_path / "devices/system/node/node1/cpulist").write_text("2-x\n")
-    with pytest.warns(UserWarning, match=r"garbage in .*node1/cpulist"):
+    with (
+        pytest.warns(UserWarning, match=r"garbage in .*node1/cpulist"),
+        pytest.warns(UserWarning, match="as a single NUMA node"),
+    ):
         topo = discover(root)
     assert topo.nodes == {0: [0, 1, 2, 3]}
     assert [p.cpus for p in plan(topo, 2, loader_cores=0)] == [[0, 1], [2, 3]]
@@ -248,7 +254,11 @@ def test_missing_cpu_dir_keeps_nodes(tmp_path):
 
 
 def test_missing_sysfs_falls_back_to_this_machine(tmp_path):
-    with pytest.warns(UserWarning, match="does not exist"):
+    with (
+        pytest.warns(UserWarning, match="does not exist"),
+        pytest.warns(UserWarning, match="cannot list NUMA nodes"),
+        pytest.warns(UserWarning, match="as a single NUMA node"),
+    ):
         topo = discover(str(tmp_path / "nowhere"))
     assert set(os.sched_getaffinity(0)) <= set(topo.cpus)
     (p,) = plan(topo, 1, allowed_cpus=set(os.sched_getaffinity(0)), loader_cores=0)
