@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 from qatdist import config
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
 
     env = env_from_torchrun()
     setup_logging(env.rank)
+    # `kill -USR1 <pid>` prints where a rank stands (all threads), e.g. one that seems hung.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         network = gloo_network()  # a wrong GLOO_SOCKET_IFNAME stops here, naming it
     except RouteError as e:
@@ -57,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.ensure_demo_shards(cfg.data, cfg.train.seed)  # file-locked: one writer
         data.check_shards(cfg.data, env.world_size)
         transforms.check_transform(cfg.data)  # a bad data.transform stops here
-        build_task(cfg.task, cfg.data)  # a user task that cannot load stops here
+        task = build_task(cfg.task, cfg.data)  # a user task that cannot load stops here
         if cfg.checkpoint.resume_from:  # an unusable folder stops here, before any set-up
             try:
                 find_complete(RunFolder(cfg.run.out_dir).checkpoints, cfg.checkpoint.resume_from)
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(env, cfg.runtime.timeout_s)
     trainer = None
     try:
-        trainer = Trainer(cfg, env, placement, network)
+        trainer = Trainer(cfg, env, placement, network, task)
         trainer.train()
         trainer.finish()
     except config.ConfigError as e:

@@ -48,7 +48,7 @@ from qatdist.run.checkpoint import (
 from qatdist.run.folder import RunFolder
 from qatdist.run.report import metric_field, metric_key, metric_label, report_fields
 from qatdist.step import Distillation, build_teacher, train_step
-from qatdist.tasks import build_task
+from qatdist.tasks import Task
 from qatdist.tasks.evaluate import evaluate
 
 log = logging.getLogger("qatdist")
@@ -63,13 +63,14 @@ class Trainer:
         env: DistEnv,
         placement: topology.AppliedPlacement,
         network: dict,
+        task: Task,
     ):
         self.cfg, self.env = cfg, env
         self.run = RunFolder(cfg.run.out_dir)
         self.placement = placement
         self.network = network  # topology.gloo_network(): what this rank's gloo binds to
         self.loader_cpus = placement.placement.loader_cpus if placement.pinning else None
-        self.task = build_task(cfg.task, cfg.data)
+        self.task = task  # built once by qatdist.train (segmentation reads every label map)
         # CPU preflight: recorded in topology.json; rank 0 warns when int8 has no fast path.
         self.cpu_int8_capabilities = topology.cpu_int8_preflight() if env.is_rank0 else None
         self.compile_final = cfg.runtime.compile_final and self._inductor_available()
@@ -400,6 +401,9 @@ class Trainer:
             epoch=epoch,
             start_step=start_step,
             worker_init_fn=worker_init_fn,
+            # A stuck loader worker stops this rank, naming itself, before the other ranks'
+            # collectives time out naming nobody.
+            stall_timeout_s=0.9 * self.cfg.runtime.timeout_s,
         )
 
     def _val_batches(self, batch_size: int):

@@ -7,6 +7,7 @@ import pickle
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,37 @@ def test_bad_samples_raise_naming_shard_and_key(bad_shards, num_workers: int) ->
         cfg = make_cfg(pattern, num_workers=num_workers)
         with pytest.raises(DataError, match=r"shard .*t-\d\.tar.*s0000(12|25|33)"):
             run(cfg, steps=20)
+
+
+class _StuckDecode(Classification):
+    """Classification whose decode never returns: a loader worker that deadlocked."""
+
+    def decode(self, raw):
+        threading.Event().wait()
+
+
+def test_a_stuck_loader_worker_stops_the_rank_with_its_stacks(uneven: str, capfd) -> None:
+    cfg = make_cfg(uneven, num_workers=1)
+    batches = data.train_batches(
+        cfg,
+        _StuckDecode(cfg),
+        batch_size=4,
+        steps=3,
+        rank=1,
+        world_size=2,
+        seed=0,
+        epoch=0,
+        stall_timeout_s=2.0,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"rank 1: the train loader's worker\(s\) \[\d+\] "
+        r"delivered no batch for 2 s",
+    ):
+        next(iter(batches))
+    stacks = capfd.readouterr().err
+    # The worker's own stack, down to the line where it waits.
+    assert "in decode" in stacks and "test_data.py" in stacks, stacks
 
 
 def test_bad_samples_skipped_and_counted(bad_shards, caplog) -> None:

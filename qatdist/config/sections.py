@@ -283,7 +283,11 @@ class RuntimeConfig:
     cores: str = _f("", "Explicit per-rank CPU lists, ';'-separated, e.g. '0-27;28-55'.")
     threads: int = _f(0, "Torch intra-op threads per rank (0: one per pinned core).")
     loader_cores: int = _f(1, "Cores of the rank's set given to its loader workers.")
-    timeout_s: int = _f(300, "Collective timeout in seconds: a hung rank ends the job.")
+    timeout_s: int = _f(
+        300,
+        "Collective timeout in seconds: a hung rank ends the job. A rank whose loader workers "
+        "deliver no batch for 0.9x this stops first, printing the workers' stacks.",
+    )
     grad_compression: str = _f(
         "none", "Gradient all-reduce dtype: 'none' (fp32), 'bf16' or 'fp16' (a DDP comm hook)."
     )

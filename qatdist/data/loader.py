@@ -16,9 +16,14 @@ transforming them and continues bit-for-bit where the uninterrupted run was.
 
 from __future__ import annotations
 
+import faulthandler
+import functools
 import itertools
 import logging
+import os
 import random
+import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -262,6 +267,7 @@ def train_batches(
     epoch: int,
     start_step: int = 0,
     worker_init_fn=None,
+    stall_timeout_s: float = 0.0,
 ) -> Iterable[Batch]:
     """Exactly `steps - start_step` train batches of exactly `batch_size` samples (steps
     start_step .. steps-1 of the epoch) for `rank`, the same count on every rank; `task`
@@ -271,7 +277,8 @@ def train_batches(
     batches, and `start_step=k` gives the tail of the `start_step=0` sequence. Loads in
     cfg.num_workers DataLoader workers (0: in this process); `worker_init_fn(worker_id)` is
     passed to the DataLoader. Raises ConfigError for bad patterns or too few shards, and
-    DataError for a bad sample under data.on_error='raise'.
+    DataError for a bad sample under data.on_error='raise', or when the workers deliver no batch
+    for `stall_timeout_s` seconds (0: wait for ever), after printing the workers' Python stacks.
     """
     if batch_size < 1 or not 0 <= start_step <= steps or not 0 <= rank < world_size:
         raise ValueError(
@@ -298,20 +305,44 @@ def train_batches(
         dataset,
         batch_size=None,
         num_workers=cfg.num_workers,
-        worker_init_fn=worker_init_fn,
+        worker_init_fn=functools.partial(_init_worker, worker_init_fn),
+        timeout=stall_timeout_s,
         in_order=True,
         # Its own generator: drawing worker base seeds from the global RNG would make the
         # training RNG stream depend on when loaders are created (a resumed run creates one
         # mid-epoch); the data order is seeded explicitly above anyway.
         generator=torch.Generator().manual_seed(seed),
     )
-    return _Batches(lambda: _iterate_and_stop_workers(loader), steps - start_step)
+    return _Batches(lambda: _iterate_and_stop_workers(loader, rank), steps - start_step)
 
 
-def _iterate_and_stop_workers(loader: DataLoader) -> Iterator[Batch]:
+# A worker asked for its stacks (a stalled loader, or `kill -USR1 <worker pid>` by hand).
+_STACKS_SIGNAL = signal.SIGUSR1
+
+
+def _init_worker(worker_init_fn, worker_id: int) -> None:
+    faulthandler.register(_STACKS_SIGNAL, all_threads=True)
+    if worker_init_fn is not None:
+        worker_init_fn(worker_id)
+
+
+def _iterate_and_stop_workers(loader: DataLoader, rank: int) -> Iterator[Batch]:
     it = iter(loader)
     try:
         yield from it
+    except RuntimeError as e:
+        if not str(e).startswith("DataLoader timed out"):
+            raise
+        # A stuck worker would leave the other ranks waiting in a collective until they time
+        # out naming nobody; this rank says it was its loader, and where the workers stand.
+        pids = [w.pid for w in it._workers if w.is_alive()]
+        for pid in pids:
+            os.kill(pid, _STACKS_SIGNAL)
+        time.sleep(1.0)  # faulthandler writes from the signal handler: give it a moment
+        raise DataError(
+            f"rank {rank}: the train loader's worker(s) {pids} delivered no batch for "
+            f"{loader.timeout:g} s (their Python stacks are printed above)"
+        ) from None
     finally:
         # After an error (or an early break) the exception's traceback keeps the iterator
         # alive, and workers stopped later by the garbage collector take seconds to join.
