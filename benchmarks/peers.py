@@ -1,7 +1,9 @@
 """qatdist's int8 against the x86 runtimes a user could deploy instead, side by side.
 
 For one torchvision architecture (random init, fixed seed), the same calibration batches and the
-same thread count everywhere, these stacks:
+same thread count everywhere, these stacks (a segmenter, e.g. lraspp_mobilenet_v3_large, runs
+as qatdist trains it: `SEGMENTER_CLASSES` classes, its per-pixel logits `out`, captured with
+dynamic height and width, timed at a full frame such as CamVid's 360x480):
 
 - qatdist's artifacts, all from one PTQ (`qatdist.quant.ptq`: X86InductorQuantizer, the lowering
   and the scales layout qatdist's final model uses):
@@ -69,9 +71,10 @@ import torch
 import torchvision
 from torch._inductor.utils import run_and_get_code
 
-from qatdist.config import QuantConfig
+from qatdist.config import DataConfig, ModelConfig, QuantConfig
 from qatdist.finish import openvino_ir
 from qatdist.finish.artifacts import aoti_package_source, build_aoti_package, export_int8
+from qatdist.models import SEGMENTATION_MODELS, build_model
 from qatdist.quant import compile_for_inference
 from qatdist.quant.inspect import count_quantized_ops
 from qatdist.quant.ptq import post_training_int8, prepare_ptq
@@ -113,6 +116,7 @@ INSTALL_HINT = openvino_ir.INSTALL_HINT
 # resnet50 AOTInductor build took minutes on 2 cores; a warm-up request compiles a batch size.
 BUILD_DEADLINE_S = 1800.0
 CALL_DEADLINE_S = 600.0
+SEGMENTER_CLASSES = 11  # CamVid's: the segmenter row is the model of configs/camvid_*.toml
 
 
 class QatdistStackError(RuntimeError):
@@ -185,11 +189,40 @@ def _not_timed(stack: str, measured: dict) -> str | None:
     return None
 
 
-def seeded_model(name: str, seed: int, calibration: list[torch.Tensor]) -> torch.nn.Module:
-    """torchvision `name` (1000 classes, random init from `seed`) in eval mode, its BatchNorm
-    statistics re-estimated on `calibration` (see the module docstring)."""
+class _PixelLogits(torch.nn.Module):
+    """A torchvision segmenter returning only its per-pixel logits (the dict's `out`): one
+    tensor, which every stack exports and runs alike."""
+
+    def __init__(self, segmenter: torch.nn.Module) -> None:
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.segmenter(images)["out"]
+
+
+def seeded_model(
+    name: str, seed: int, calibration: list[torch.Tensor], weights: str | None = None
+) -> torch.nn.Module:
+    """torchvision `name` (a classifier with 1000 classes, or a segmenter with
+    `SEGMENTER_CLASSES` returning its logits) in eval mode: with `weights` (a trained model's
+    state dict, e.g. `scripts/fp32_weights.py`'s file) loaded strictly, else random init from
+    `seed` with its BatchNorm statistics re-estimated on `calibration` (module docstring)."""
     torch.manual_seed(seed)
-    model = torchvision.models.get_model(name, weights=None)
+    if name in SEGMENTATION_MODELS:
+        segmenter = build_model(
+            ModelConfig(name=name),
+            SEGMENTER_CLASSES,
+            image_size=min(calibration[0].shape[-2:]),
+            dense=True,
+        )
+        model = _PixelLogits(segmenter)
+    else:
+        model = torchvision.models.get_model(name, weights=None)
+    if weights is not None:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        (model.segmenter if isinstance(model, _PixelLogits) else model).load_state_dict(state)
+        return model.eval()
     for module in model.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             module.reset_running_stats()
@@ -201,14 +234,51 @@ def seeded_model(name: str, seed: int, calibration: list[torch.Tensor]) -> torch
     return model.eval()
 
 
+def frame_of(image_size: int | tuple[int, int]) -> tuple[int, int]:
+    """(height, width): a square for an int."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def _frames(folder: str, frame: tuple[int, int], count: int) -> torch.Tensor:
+    """The first `count` images of `folder` (sorted), resized to `frame` and normalised as
+    qatdist's transforms do (data.mean / data.std defaults); cycled when there are fewer."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in (".jpg", ".png"))
+    if not paths:
+        raise ValueError(f"no .jpg or .png image in {folder}")
+    data_cfg = DataConfig()
+    out = []
+    for i in range(count):
+        with Image.open(paths[i % len(paths)]) as image:
+            pixels = TF.pil_to_tensor(image.convert("RGB"))
+        pixels = TF.resize(pixels, list(frame), antialias=True)
+        out.append(TF.normalize(pixels.float() / 255, data_cfg.mean, data_cfg.std))
+    return torch.stack(out)
+
+
 def inputs(
-    seed: int, image_size: int, calib_batches: int, calib_batch_size: int, batch_sizes
+    seed: int,
+    image_size: int | tuple[int, int],
+    calib_batches: int,
+    calib_batch_size: int,
+    batch_sizes,
+    frames: str | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, dict[int, torch.Tensor]]:
-    """(calibration batches, held-out batch, {batch size: timing example}), the same in every
-    process for the same arguments. The held-out batch has the largest batch size measured, so
-    that Inductor's static compile it triggers is reused there."""
+    """(calibration batches, held-out batch, {batch size: timing example}) of `image_size`
+    frames (int: square; or (height, width)), the same in every process for the same
+    arguments: Gaussian noise, or the images of the folder `frames` (calibration first, then
+    the held-out ones). The held-out batch has the largest batch size measured, so that
+    Inductor's static compile it triggers is reused there."""
+    if frames is not None:
+        held = max(batch_sizes)
+        n = calib_batches * calib_batch_size
+        images = _frames(frames, frame_of(image_size), n + held)
+        calibration = list(images[:n].split(calib_batch_size))
+        return calibration, images[n:], {b: images[n : n + b] for b in batch_sizes}
     generator = torch.Generator().manual_seed(seed + 1)
-    shape = (3, image_size, image_size)
+    shape = (3, *frame_of(image_size))
     calibration = [
         torch.randn(calib_batch_size, *shape, generator=generator) for _ in range(calib_batches)
     ]
@@ -296,10 +366,17 @@ def _conv_linear_layers(model: torch.nn.Module) -> int:
     return sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
 
 
+def _capture_size(fp32: torch.nn.Module, calibration: list[torch.Tensor]) -> dict:
+    """How qatdist captures `fp32`: a classifier at its (square) input size, a segmenter with
+    dynamic height and width, as `qatdist.train` captures it."""
+    dense = isinstance(fp32, _PixelLogits)
+    return {"image_size": min(calibration[0].shape[-2:]), "dynamic_spatial": dense}
+
+
 def _calibrated_ptq(fp32: torch.nn.Module, calibration: list[torch.Tensor]) -> torch.nn.Module:
     """qatdist's PTQ-prepared model after the calibration batches (observers filled)."""
     prepared = prepare_ptq(
-        fp32, fp32.state_dict(), QuantConfig(), image_size=calibration[0].shape[-1]
+        fp32, fp32.state_dict(), QuantConfig(), **_capture_size(fp32, calibration)
     )
     with torch.no_grad():
         for images in calibration:
@@ -318,7 +395,7 @@ def build_stack(
             fp32.state_dict(),
             calibration,
             QuantConfig(),
-            image_size=calibration[0].shape[-1],
+            **_capture_size(fp32, calibration),
         )
         if stack == QATDIST:
             return compile_for_inference(int8), None
@@ -364,8 +441,9 @@ def _serve_stack(conn, stack: str, settings: dict) -> None:
         settings["calib_batches"],
         settings["calib_batch_size"],
         settings["batch_sizes"],
+        settings["frames"],
     )
-    fp32 = seeded_model(settings["model_name"], settings["seed"], calibration)
+    fp32 = seeded_model(settings["model_name"], settings["seed"], calibration, settings["weights"])
     with tempfile.TemporaryDirectory(prefix=f"qatdist-{stack}-") as folder, torch.no_grad():
         try:
             start = time.perf_counter()
@@ -460,7 +538,7 @@ def peer_latency(
     model_name: str,
     *,
     batch_sizes: tuple[int, ...] = (1, 32),
-    image_size: int = 224,
+    image_size: int | tuple[int, int] = 224,
     threads: int = 2,
     calib_batches: int = 4,
     calib_batch_size: int = 8,
@@ -468,6 +546,8 @@ def peer_latency(
     per_round: int = 3,
     seed: int = 0,
     stacks: tuple[str, ...] = STACKS,
+    weights: str | None = None,
+    frames: str | None = None,
     progress: Callable[[str], None] = lambda line: None,
     build_deadline_s: float = BUILD_DEADLINE_S,
     call_deadline_s: float = CALL_DEADLINE_S,
@@ -476,8 +556,10 @@ def peer_latency(
     with eager fp32, `int8_vs_best_peer` and the fastest qatdist artifact per batch size,
     {stack: reason} for what did not run (`skipped`) and for what was stopped at its deadline
     (`hung`). See the module docstring for the stacks, the agreement criterion and the
-    timing; `progress` receives a line per stack built. Raises QatdistStackError when one of
-    qatdist's own stacks fails or hangs."""
+    timing; `image_size` is an int (square) or (height, width); `weights`: a trained model's
+    state dict instead of random init; `frames`: a folder of images for calibration, agreement
+    and timing instead of noise; `progress` receives a line per stack built. Raises
+    QatdistStackError when one of qatdist's own stacks fails or hangs."""
     if per_round < 2:
         raise ValueError("per_round must be >= 2: the first call of each run is discarded")
     if unknown := [s for s in stacks if s not in REQUIRES]:
@@ -492,6 +574,8 @@ def peer_latency(
         "calib_batches": calib_batches,
         "calib_batch_size": calib_batch_size,
         "batch_sizes": tuple(batch_sizes),
+        "weights": weights,
+        "frames": frames,
     }
     skipped = missing_packages(stacks)
     hung: dict[str, str] = {}
@@ -556,10 +640,12 @@ def peer_latency(
             process.close()
     return {
         "model": model_name,
-        "image_size": image_size,
+        "image_size": list(frame_of(image_size)),
         "threads": threads,
         "rounds": [rounds, per_round],
         "calibration": [calib_batches, calib_batch_size],
+        "weights": weights,
+        "frames": frames,
         "rows": rows,
         "agreement": agreements,
         "skipped": skipped,

@@ -76,6 +76,11 @@ PEER_JSON_KEYS = (
     "fastest_qatdist_artifact",
 )
 PEER_BATCH_SIZES = (1, 32)
+# The --peers segmenter row: CamVid's model (configs/camvid_*.toml) at CamVid's full frame.
+# Its ratios are reported per model, outside int8_vs_best_peer_geomean (the classifiers').
+SEGMENTER_MODELS = ["lraspp_mobilenet_v3_large"]
+SEGMENTER_FRAME = (360, 480)
+SEGMENTER_BATCH_SIZES = (1, 8)
 
 QAT_MODELS = ["resnet18", "mobilenet_v3_large"]
 INT8_MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_large"]
@@ -117,13 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
         "interleaved (needs the `peers` extra; stacks whose packages are missing are listed, "
         "not run; a stack that does not answer within its deadline is stopped and listed as "
         "hung; one of qatdist's own stacks failing or hanging ends the run with exit code 1). "
-        f"Models: {','.join(INT8_MODELS)} (--quick: resnet18, fewer iterations).",
+        f"Models: {','.join(INT8_MODELS)}, and the segmenter {','.join(SEGMENTER_MODELS)} at "
+        f"{SEGMENTER_FRAME[0]}x{SEGMENTER_FRAME[1]}, batch "
+        f"{' and '.join(map(str, SEGMENTER_BATCH_SIZES))} (--quick: resnet18, fewer "
+        "iterations).",
     )
     parser.add_argument(
         "--cpp-wrapper",
         action="store_true",
         help="With --peers: also time qatdist's int8 compiled with Inductor's cpp_wrapper (a "
         "lever for small batches; not counted in int8_vs_best_peer; longer compiles).",
+    )
+    parser.add_argument(
+        "--segmenter-weights",
+        metavar="PATH",
+        help="With --peers: the segmenter row's trained weights (a state dict such as "
+        "`scripts/fp32_weights.py` writes for configs/camvid_fp32.toml's run) instead of random "
+        "init, whose int8 error is no guide to a trained model's.",
+    )
+    parser.add_argument(
+        "--segmenter-frames",
+        metavar="DIR",
+        help="With --peers: a folder of images (e.g. ../shared/data/camvid/val/images) for the "
+        "segmenter row's calibration, agreement and timing instead of Gaussian noise.",
     )
     parser.add_argument(
         "--json",
@@ -137,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated torchvision model names for the per-model figures "
         "(qat_step_ratio, int8_speedup); default: the figures' own lists "
         f"({','.join(QAT_MODELS)} and {','.join(INT8_MODELS)}), resnet18 with --quick. "
-        "The DDP, data and hand-flow figures always use resnet18.",
+        "The DDP, data and hand-flow figures always use resnet18. With --peers the list may "
+        "name torchvision segmenters too (timed at the segmenter row's frame and batches).",
     )
     parser.add_argument(
         "--threads",
@@ -367,9 +389,16 @@ def peers_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = False) -> dict:
+def run_peers(
+    models: list[str],
+    threads: int,
+    quick: bool,
+    cpp_wrapper: bool = False,
+    segmenter: dict | None = None,
+) -> dict:
     """The --peers comparison, model after model; prints each as it completes. Returns the
-    PEER_JSON_KEYS dict (batch sizes as string keys, as JSON has them)."""
+    PEER_JSON_KEYS dict (batch sizes as string keys, as JSON has them). `segmenter`: the
+    segmenter rows' `weights` and `frames` (`peers.peer_latency`)."""
     from benchmarks import peers
 
     results: dict = {key: {} for key in PEER_JSON_KEYS}
@@ -378,18 +407,31 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
         "peer versions: "
         + ", ".join(f"{k} {v or 'not installed'}" for k, v in results["peer_versions"].items())
     )
-    rows = []
+    rows = []  # the classifiers' rows, for int8_vs_best_peer_geomean
     for name in models:
-        _section(f"{name}: latency (ms, interleaved medians), 224x224, {threads} threads")
+        dense = name in peers.SEGMENTATION_MODELS
+        frame = SEGMENTER_FRAME if dense else (224, 224)
+        _section(
+            f"{name}: latency (ms, interleaved medians), {frame[0]}x{frame[1]}, {threads} threads"
+            + (f", {peers.SEGMENTER_CLASSES} classes (per-pixel logits)" if dense else "")
+        )
+        if dense and segmenter:
+            print(
+                f"  weights: {segmenter.get('weights') or 'random init'}; frames: "
+                f"{segmenter.get('frames') or 'Gaussian noise'}"
+            )
         r = peers.peer_latency(
             name,
-            batch_sizes=PEER_BATCH_SIZES,
+            batch_sizes=SEGMENTER_BATCH_SIZES if dense else PEER_BATCH_SIZES,
+            image_size=frame,
             threads=threads,
             rounds=3 if quick else 10,
             stacks=peers.STACKS + (peers.LEVERS if cpp_wrapper else ()),
             progress=lambda line: print(f"  {line}", flush=True),
+            **((segmenter or {}) if dense else {}),
         )
-        rows += r["rows"]
+        if not dense:
+            rows += r["rows"]
         results["peer_latency_ms"][name] = {str(row["batch_size"]): row["ms"] for row in r["rows"]}
         results["int8_vs_best_peer"][name] = {
             str(row["batch_size"]): row["int8_vs_best_peer"] for row in r["rows"]
@@ -404,7 +446,8 @@ def run_peers(models: list[str], threads: int, quick: bool, cpp_wrapper: bool = 
             kernels = a.get("int8_kernels")
             print(
                 f"  {stack}: relative logit error vs eager fp32 {a['rel_error']:.2e} "
-                f"(bound {a['bound']}: {'ok' if a['ok'] else 'NOT ok'}), top-1 agreement "
+                f"(bound {a['bound']}: {'ok' if a['ok'] else 'NOT ok'}), "
+                f"{'pixel' if dense else 'top-1'} agreement "
                 f"{a['top1_agreement']:.2f} (not judged: random-init logits are near ties)"
                 + (f"; int8 conv/linear kernels {kernels[0]} of {kernels[1]}" if kernels else "")
             )
@@ -432,14 +475,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print("bench.py: --threads must be >= 1", file=sys.stderr)
         return 2
-    if args.cpp_wrapper and not args.peers:
-        print("bench.py: --cpp-wrapper is a --peers option", file=sys.stderr)
-        return 2
+    for flag, value in (
+        ("--cpp-wrapper", args.cpp_wrapper),
+        ("--segmenter-weights", args.segmenter_weights),
+        ("--segmenter-frames", args.segmenter_frames),
+    ):
+        if value and not args.peers:
+            print(f"bench.py: {flag} is a --peers option", file=sys.stderr)
+            return 2
+    for flag, path, kind in (
+        ("--segmenter-weights", args.segmenter_weights, Path.is_file),
+        ("--segmenter-frames", args.segmenter_frames, Path.is_dir),
+    ):
+        if path and not kind(Path(path)):
+            print(f"bench.py: {flag}: {path} not found", file=sys.stderr)
+            return 2
     plan = make_plan(args)
     known = set(torchvision.models.list_models(module=torchvision.models))
-    unknown = sorted({m for m in plan.qat_models + plan.int8_models if ":" not in m} - known)
-    if unknown:
+    segmenters = set(torchvision.models.list_models(module=torchvision.models.segmentation))
+    named = {m for m in plan.qat_models + plan.int8_models if ":" not in m}
+    if unknown := sorted(named - known - segmenters):
         print(f"bench.py: --models: unknown torchvision model(s) {unknown}", file=sys.stderr)
+        return 2
+    if not args.peers and (dense := sorted(named & segmenters)):
+        print(
+            f"bench.py: --models: segmenter(s) {dense} are measured by --peers only",
+            file=sys.stderr,
+        )
         return 2
     info = benchmarks.machine_info()
     print(
@@ -460,7 +522,16 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.peers import QatdistStackError
 
         try:
-            results = run_peers(plan.int8_models, args.threads, args.quick, args.cpp_wrapper)
+            models = plan.int8_models
+            if not args.models and not args.quick:
+                models = models + SEGMENTER_MODELS
+            results = run_peers(
+                models,
+                args.threads,
+                args.quick,
+                args.cpp_wrapper,
+                segmenter={"weights": args.segmenter_weights, "frames": args.segmenter_frames},
+            )
         except QatdistStackError as e:  # nothing to compare the peers with
             print(f"bench.py: {e}", file=sys.stderr)
             return 1

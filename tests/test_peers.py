@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import require
+from conftest import CAMVID, require, require_shared
 from test_bench import _load_script
 
 from benchmarks import peers
@@ -109,6 +109,76 @@ def test_bench_peers_writes_peer_keys_and_prints_what_could_not_run(monkeypatch,
     printed = capsys.readouterr().out
     assert "openvino_int8: could not run: package(s) openvino not installed" in printed
     assert "| resnet18 | 1 | 2.00 | - | 1.00 | - | - | 2.00 |" in printed
+
+
+def test_bench_peers_times_the_segmenter_at_its_frame_outside_the_classifier_geomean(
+    monkeypatch, tmp_path, capsys
+):
+    asked = {}
+
+    def fake(name, **kwargs):
+        asked[name] = (kwargs["image_size"], kwargs["batch_sizes"])
+        ratio = 0.5 if name in peers.SEGMENTATION_MODELS else 2.0
+        rows = [
+            {
+                "batch_size": b,
+                "ms": {"qatdist_int8": ratio * b, "openvino_int8": 1.0 * b},
+                "int8_vs_best_peer": ratio,
+                "fastest_qatdist": "qatdist_int8",
+            }
+            for b in kwargs["batch_sizes"]
+        ]
+        return {"rows": rows, "agreement": {}, "skipped": {}, "hung": {}}
+
+    monkeypatch.setattr(peers, "peer_latency", fake)
+    script = _load_script(monkeypatch)
+    out = tmp_path / "peers.json"
+    models = "resnet18,lraspp_mobilenet_v3_large"
+    assert script.main(["--peers", "--models", models, "--json", str(out)]) == 0
+    assert asked == {
+        "resnet18": ((224, 224), script.PEER_BATCH_SIZES),
+        "lraspp_mobilenet_v3_large": (script.SEGMENTER_FRAME, script.SEGMENTER_BATCH_SIZES),
+    }
+    results = json.loads(out.read_text())
+    assert results["int8_vs_best_peer"]["lraspp_mobilenet_v3_large"] == {"1": 0.5, "8": 0.5}
+    assert results["int8_vs_best_peer_geomean"] == {"1": 2.0, "32": 2.0}  # classifiers only
+    assert "lraspp_mobilenet_v3_large: latency (ms, interleaved medians), 360x480" in (
+        capsys.readouterr().out
+    )
+    # Without --peers a segmenter has no figure to be measured for.
+    assert script.main(["--models", "lraspp_mobilenet_v3_large"]) == 2
+    assert "measured by --peers only" in capsys.readouterr().err
+
+
+def test_a_segmenter_runs_through_qatdists_openvino_ir_and_nncf():
+    """lraspp_mobilenet_v3_large's per-pixel logits on CamVid frames at 96x128: qatdist's IR
+    (captured with dynamic height and width) and NNCF's int8 both run every convolution as an
+    int8 kernel and stay within the int8 bound of eager fp32."""
+    require(
+        importlib.util.find_spec("openvino") is not None
+        and importlib.util.find_spec("nncf") is not None,
+        "OpenVINO / NNCF not installed (the optional `peers` extra: pip install -e '.[peers]')",
+    )
+    require_shared(CAMVID)
+    result = peers.peer_latency(
+        "lraspp_mobilenet_v3_large",
+        batch_sizes=(2,),
+        image_size=(96, 128),
+        calib_batches=2,
+        calib_batch_size=4,
+        rounds=1,
+        per_round=2,
+        stacks=("qatdist_int8_openvino", "openvino_int8"),
+        frames=str(CAMVID / "val" / "images"),
+    )
+    assert result["skipped"] == {} and result["image_size"] == [96, 128]
+    for stack in ("qatdist_int8_openvino", "openvino_int8"):
+        judged = result["agreement"][stack]
+        assert judged["ok"], judged
+        int8, convolutions = judged["int8_kernels"]
+        assert convolutions == 66 and int8 >= 60, judged
+    assert result["agreement"]["qatdist_int8_openvino"]["int8_kernels"] == [66, 66]
+    assert all(v > 0 for v in result["rows"][0]["ms"].values())
 
 
 def test_each_stack_runs_in_its_own_process_and_is_judged_before_timing():
