@@ -174,7 +174,7 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
     from qatdist.quant.inspect import constant_layers, count_quantized_ops
     from qatdist.step import train_step
     from qatdist.tasks.classification import Classification
-    from qatdist.tasks.evaluate import pad_batch, side_by_side_latency_ms
+    from qatdist.tasks.evaluate import outputs_over, side_by_side_latency_ms
 
     size, batch = row["image_size"], args.batch_size
     data = _demo_data(json.loads(args.shards), size)
@@ -235,9 +235,12 @@ def run_model(name: str, args: argparse.Namespace, row: dict, stage: _Stages) ->
         row["fp32_ms"], row["int8_ms"] = round(ms["fp32"], 3), round(ms["int8"], 3)
         row["speedup"] = round(ms["fp32"] / ms["int8"], 3)
         meter = task.new_agreement()
-        for images, _, _ in val_batches(data, task, batch_size=batch, rank=0, world_size=1):
-            n, padded = images.shape[0], pad_batch(images, batch)
-            meter.update(int8(padded)[:n], int8_compiled(padded)[:n])
+        for _, _, out in outputs_over(
+            {"reference": int8, "compiled": int8_compiled},
+            val_batches(data, task, batch_size=batch, rank=0, world_size=1),
+            pad_to=batch,
+        ):
+            meter.update(out["reference"], out["compiled"])
         row["agree"], row["comparable"] = meter.counts()
         row["max_logit_diff"] = round(meter.max_abs_diff, 5)
         row["max_abs_logit"] = round(meter.output_scale, 5)  # the scale the diff is judged by

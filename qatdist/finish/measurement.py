@@ -18,7 +18,7 @@ from qatdist.quant import inspect as quant_inspect
 from qatdist.quant.convert import compile_for_inference
 from qatdist.run import report as reports
 from qatdist.tasks import Task
-from qatdist.tasks.evaluate import first, pad_batch, side_by_side_latency_ms
+from qatdist.tasks.evaluate import first, outputs_over, side_by_side_latency_ms
 from qatdist.topology import cpu_int8_capabilities
 
 log = logging.getLogger(__name__)
@@ -54,25 +54,21 @@ def compare_on_val(
     agreement = {name: task.new_agreement() for name in forwards}
     kept: dict[str, list] = {"images": [], "target": [], "logits": []}
     seen = 0
-    with torch.no_grad():
-        for batch in batches:
-            images, target = batch[0], batch[1]
-            n = images.shape[0]
-            if n == 0:
-                continue
-            padded = pad_batch(images, pad_to)
-            ref_outputs = first(reference(padded), n)
-            metrics["reference"].update(ref_outputs, target)
-            for name, forward in forwards.items():
-                outputs = first(forward(padded), n)
-                metrics[name].update(outputs, target)
-                agreement[name].update(ref_outputs, outputs)
-            take = min(n, keep - seen) if seen < keep else 0
-            if take:
-                kept["images"].append(images[:take].clone())
-                kept["target"].append(first(target, take))
-                kept["logits"].append(task.predictions(ref_outputs)[:take].clone())
-            seen += n
+    for images, target, outputs in outputs_over(
+        {"reference": reference, **forwards}, batches, pad_to
+    ):
+        n = images.shape[0]
+        ref_outputs = outputs["reference"]
+        metrics["reference"].update(ref_outputs, target)
+        for name in forwards:
+            metrics[name].update(outputs[name], target)
+            agreement[name].update(ref_outputs, outputs[name])
+        take = min(n, keep - seen) if seen < keep else 0
+        if take:
+            kept["images"].append(images[:take].clone())
+            kept["target"].append(first(target, take))
+            kept["logits"].append(task.predictions(ref_outputs)[:take].clone())
+        seen += n
     measures = {
         "seen": seen,
         "metric": {k: m.compute()[task.metric] for k, m in metrics.items()},

@@ -7,13 +7,13 @@ import contextlib
 import random
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 
 from qatdist.distributed import all_reduce_sum
-from qatdist.tasks.base import Metric, Outputs, Task
+from qatdist.tasks.base import Metric, Outputs, Target, Task
 
 
 @contextlib.contextmanager
@@ -47,27 +47,39 @@ def first(outputs: Outputs, n: int) -> Outputs:
     return outputs[:n]
 
 
+def outputs_over(
+    forwards: dict[str, Callable[[torch.Tensor], Outputs]],
+    batches: Iterable,
+    pad_to: int | None = None,
+) -> Iterator[tuple[torch.Tensor, Target, dict[str, Outputs]]]:
+    """For each non-empty batch of (images, target, ...) in `batches`: the images, the target
+    and each forward's outputs on the images (without autograd). The one evaluation loop.
+
+    With `pad_to`, short batches are zero-padded to that size (the padding's outputs dropped),
+    so a model compiled for one static batch size is never recompiled.
+    """
+    for batch in batches:
+        images, target = batch[0], batch[1]
+        n = images.shape[0]
+        if n == 0:
+            continue
+        inputs = images if pad_to is None else pad_batch(images, pad_to)
+        with torch.no_grad():
+            outputs = {name: first(forward(inputs), n) for name, forward in forwards.items()}
+        yield images, target, outputs
+
+
 def accumulate(
     task: Task,
     forward: Callable[[torch.Tensor], Outputs],
     batches: Iterable,
     pad_to: int | None = None,
 ) -> Metric:
-    """`task`'s metric of `forward` over `batches` of (inputs, target, ...), on this rank only.
-
-    With `pad_to`, short batches are zero-padded to that size (and the padding ignored), so a
-    model compiled for one static batch size is never recompiled.
-    """
+    """`task`'s metric of `forward` over `batches` of (inputs, target, ...), on this rank only
+    (`pad_to`: see `outputs_over`)."""
     metric = task.new_metric()
-    with torch.no_grad():
-        for batch in batches:
-            inputs, target = batch[0], batch[1]
-            n = inputs.shape[0]
-            if n == 0:
-                continue
-            if pad_to is not None:
-                inputs = pad_batch(inputs, pad_to)
-            metric.update(first(forward(inputs), n), target)
+    for _, target, outputs in outputs_over({"model": forward}, batches, pad_to):
+        metric.update(outputs["model"], target)
     return metric
 
 
