@@ -89,6 +89,10 @@ def test_two_ranks_to_a_compiled_int8_segmenter(seg_run: dict) -> None:
     assert values["miou"] == report["int8_miou"]
     assert 0.0 <= values["pixel_accuracy"] <= 1.0
     assert any(key.startswith("iou_") for key in values)
+    for baseline in ("fp32", "ptq_fp32", "ptq_int8"):  # the baselines' per-class IoU too
+        baseline_values = report[f"{baseline}_metric_values"]
+        assert baseline_values["miou"] == report[f"{baseline}_miou"], baseline
+        assert set(baseline_values) == set(values), baseline
     assert report["quantization_complete"] is True
     assert report["quantized_conv_count"] == 6  # every convolution of the UNet
     assert report["int8_eval_samples"] == 4

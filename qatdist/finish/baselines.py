@@ -10,6 +10,9 @@ quantization, and the final weights in float, each scored by the task's primary 
   quantization starts after some fp32 training, they are less trained than the final ones).
 - `fp32_<m>`: the final weights in float (fake quant and observers off, BatchNorm in eval).
 
+A metric with more values than its primary one (segmentation: pixel accuracy, per-class IoU)
+also gives `<baseline>_metric_values` for each baseline, as the report has them for int8.
+
 Every measure is a collective over all ranks (each evaluates its share of the val shards) and
 runs with the RNG states restored, so a run with baselines trains exactly as one without.
 """
@@ -53,27 +56,32 @@ class Baselines:
         self.calibration_batches = calibration_batches
         self.image_size, self.fine_tuning = image_size, fine_tuning
         self.ptq_step = 0 if fine_tuning else quant_cfg.fake_quant_start_step
-        self.values: dict[str, float] = {}
+        # Report fields: `<baseline>_<m>` floats and `<baseline>_metric_values` dicts.
+        self.values: dict[str, float | dict[str, float]] = {}
 
     def key(self, baseline: str) -> str:
         return metric_key(baseline, self.task.metric)
 
-    def state_dict(self) -> dict[str, float]:
+    def state_dict(self) -> dict:
         return dict(self.values)
 
-    def load_state_dict(self, values: dict[str, float]) -> None:
+    def load_state_dict(self, values: dict) -> None:
         self.values = dict(values)
 
-    def _score(self, forward) -> float:
-        """The primary metric of `forward` over every rank's val share (collective)."""
-        return evaluate(self.task, forward, self.val_batches())[self.task.metric]
+    def _score(self, baseline: str, forward) -> float:
+        """Scores `forward` over every rank's val share (collective) as `baseline`; returns
+        the primary metric."""
+        values = evaluate(self.task, forward, self.val_batches())
+        self.values[self.key(baseline)] = values[self.task.metric]
+        if len(values) > 1:
+            self.values[f"{baseline}_metric_values"] = values
+        return values[self.task.metric]
 
     def at_start(self, qat: QatModel) -> None:
         """`start_fp32_<metric>` when fine-tuning from `model.weights` (collective)."""
         if self.fine_tuning and self.key("start_fp32") not in self.values:
             with preserved_rng():
-                value = self._score(qat.fp32_model.eval())
-            self.values[self.key("start_fp32")] = value
+                value = self._score("start_fp32", qat.fp32_model.eval())
             log.info("baseline: fp32 model as given, %s %.4f", self.task.metric, value)
 
     def ptq_due(self, step: int) -> bool:
@@ -96,11 +104,10 @@ class Baselines:
                 image_size=self.image_size,
                 dynamic_spatial=qat.dynamic_spatial,
             )
-            value = self._score(int8)
+            value = self._score("ptq_int8", int8)
         # The float model PTQ started from: its metric is what PTQ's own drop is measured against.
         with qat.evaluating(fake_quant=False) as model:
-            self.values[self.key("ptq_fp32")] = self._score(model)
-        self.values[self.key("ptq_int8")] = value
+            self._score("ptq_fp32", model)
         log.info(
             "baseline at step %d: float %s %.4f, post-training int8 (%d calibration batches) %.4f",
             self.ptq_step,
@@ -111,11 +118,11 @@ class Baselines:
         )
         return value
 
-    def at_end(self, qat: QatModel, step: int) -> dict[str, float]:
+    def at_end(self, qat: QatModel, step: int) -> dict:
         """`fp32_<metric>` of the final weights, and the PTQ baseline if the run ended before
         fake quantization turned on (collective). Returns every baseline measured."""
         if step <= self.ptq_step and self.ptq_due(self.ptq_step):
             self.measure_ptq(qat)
         with qat.evaluating(fake_quant=False) as model:
-            self.values[self.key("fp32")] = self._score(model)
+            self._score("fp32", model)
         return dict(self.values)

@@ -186,6 +186,10 @@ _KEYS = [
         "dict",
         "as int8_metric_values, for the converted int8 reference graph",
     ),
+    *(
+        (f"{baseline}_metric_values", "dict", f"as int8_metric_values, for {baseline}_<metric>")
+        for baseline in ("fp32", "ptq_int8", "ptq_fp32", "start_fp32")
+    ),
     ("quantized_conv_count", "int | None", "quantized convolutions in Inductor's code"),
     ("quantized_linear_count", "int | None", "quantized linears in Inductor's code"),
     ("quantization_complete", "bool", "every annotated conv/linear runs an int8 kernel"),
