@@ -557,7 +557,7 @@ class Trainer:
             self.full_val_batches,
             image_size=cfg.data.image_size,
             input_size=self.task.input_size(cfg.data.image_size),
-            batch_sizes=[r.latency_batch_size],
+            batch_sizes=[*r.latency_batch_sizes, r.latency_batch_size],
             latency_iters=r.latency_iters,
             out_dir=self.run.final,
             compile_model=self.compile_final,

@@ -71,6 +71,7 @@ def test_cli_values_follow_the_key_type(tmp_path, shards):
         ({"data": {"on_error": "ignore"}}, "data.on_error"),
         ({"runtime": {"pinning": "yes"}}, "runtime.pinning"),
         ({"runtime": {"grad_compression": "int8"}}, "runtime.grad_compression"),
+        ({"runtime": {"latency_batch_sizes": [1, 64]}}, "runtime.latency_batch_sizes"),
         ({"optim": {"name": "lamb"}}, "optim.name"),
         (
             {"task": {"name": "detection"}},

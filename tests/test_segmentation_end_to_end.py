@@ -69,6 +69,7 @@ def seg_run(camvid_tiny: dict, tmp_path_factory) -> dict:
             "--quant.fake_quant_start_step=1",
             "--quant.ptq_calibration_batches=2",
             "--runtime.latency_batch_size=2",
+            "--runtime.latency_batch_sizes=[1]",  # frame by frame too
             "--runtime.latency_iters=2",
         ],
         cwd=ROOT,
@@ -96,7 +97,8 @@ def test_two_ranks_to_a_compiled_int8_segmenter(seg_run: dict) -> None:
     assert report["quantization_complete"] is True
     assert report["quantized_conv_count"] == 6  # every convolution of the UNet
     assert report["int8_eval_samples"] == 4
-    assert report["latency"][0]["batch_size"] == 2
+    assert [row["batch_size"] for row in report["latency"]] == [1, 2]
+    assert report["latency_batch_size"] == 2  # the headline figures: the largest batch
     assert report["int8_compiled_comparable_samples"] > 0
     assert report["qat_gain_over_ptq"] == pytest.approx(
         report["int8_miou"] - report["ptq_int8_miou"]

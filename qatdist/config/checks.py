@@ -251,6 +251,12 @@ def _check_runtime(cfg: Config) -> None:
     _require(r.timeout_s >= 1, "runtime.timeout_s", "an integer >= 1", r.timeout_s)
     _require(r.latency_batch_size >= 1, "runtime.latency_batch_size", ">= 1", r.latency_batch_size)
     _require(r.latency_iters >= 1, "runtime.latency_iters", ">= 1", r.latency_iters)
+    _require(
+        all(1 <= b <= r.latency_batch_size for b in r.latency_batch_sizes),
+        "runtime.latency_batch_sizes",
+        "batch sizes from 1 to runtime.latency_batch_size (the headline batch, the largest)",
+        r.latency_batch_sizes,
+    )
     if r.final_openvino and importlib.util.find_spec("openvino") is None:
         raise ConfigError(
             "runtime.final_openvino: true needs the openvino package, which is not installed "

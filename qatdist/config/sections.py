@@ -292,6 +292,11 @@ class RuntimeConfig:
         "none", "Gradient all-reduce dtype: 'none' (fp32), 'bf16' or 'fp16' (a DDP comm hook)."
     )
     latency_batch_size: int = _f(32, "Batch size of the final int8/fp32 latency comparison.")
+    latency_batch_sizes: list[int] = _f(
+        [],
+        "Smaller batch sizes also timed at the end (each compiled once more), as extra rows of "
+        "the report's `latency`; e.g. [1] for a segmenter's frame-by-frame latency.",
+    )
     latency_iters: int = _f(20, "Timed iterations of the final latency comparison.")
     compile_final: bool = _f(True, "Compile the final int8 model with Inductor (freezing).")
     final_openvino: bool = _f(
