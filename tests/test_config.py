@@ -3,10 +3,10 @@
 import importlib.util
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from qatdist import config
 from qatdist.config import ConfigError

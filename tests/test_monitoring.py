@@ -10,11 +10,11 @@ import pty
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tomllib
 import torch
 
 from qatdist.monitor import union_seconds

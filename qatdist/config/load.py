@@ -9,11 +9,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import tomllib
 import types
 import typing
 from pathlib import Path
-
-import tomllib
 
 from qatdist.config.checks import validate
 from qatdist.config.sections import DEFAULT_CONFIG, Config, ConfigError

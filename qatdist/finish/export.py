@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from qatdist import config, data
 from qatdist.finish import openvino_ir
