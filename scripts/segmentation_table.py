@@ -59,27 +59,35 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def accuracy_rows(fp32: dict, qat: dict, control: dict) -> list[tuple[str, str, dict | None]]:
+def accuracy_rows(qat: dict, control: dict) -> list[tuple[str, str, dict | None]]:
     """(model, where it comes from, its metric values) for each model the recipe makes."""
-    q, c, f = qat["report"], control["report"], fp32["report"]
+    q, c = qat["report"], control["report"]
+
+    def values(report: dict, baseline: str) -> dict | None:
+        # Reports written before <baseline>_metric_values existed hold the primary value only.
+        primary = report.get(f"{baseline}_miou")
+        return report.get(f"{baseline}_metric_values") or ({"miou": primary} if primary else None)
+
     return [
-        ("fp32 (the fp32 run's final weights)", "fp32 run", f.get("fp32_metric_values")),
+        # The fp32 run's final weights, as the QAT run scored them before its first step.
+        ("fp32 (the fp32 run's final weights)", "QAT run, step 0", values(q, "start_fp32")),
         ("PTQ int8 of those weights", "QAT run, step 0", q.get("ptq_int8_metric_values")),
         (
             "fp32 control (fp32 fine-tuning, QAT's steps)",
             "control run",
             c.get("fp32_metric_values"),
         ),
-        ("QAT fake-quant", "QAT run", {"miou": q.get("fp32_fake_quant_miou")}),
+        ("QAT's weights in float (fake quant off)", "QAT run", values(q, "fp32")),
+        ("QAT fake-quant", "QAT run", values(q, "fp32_fake_quant")),
         ("QAT int8, converted reference", "QAT run", q.get("int8_reference_metric_values")),
         ("QAT int8, compiled (the deployed model)", "QAT run", q.get("int8_metric_values")),
     ]
 
 
-def accuracy_table(fp32: dict, qat: dict, control: dict) -> str:
+def accuracy_table(qat: dict, control: dict) -> str:
     head = ["model", "from", "mIoU", "pixel acc.", *(f"IoU {c}" for c in RARE_CLASSES)]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    for name, source, values in accuracy_rows(fp32, qat, control):
+    for name, source, values in accuracy_rows(qat, control):
         values = values or {}
         cells = [name, source, _pct(values.get("miou")), _pct(values.get("pixel_accuracy"))]
         cells += [_pct(values.get(f"iou_{c}")) for c in RARE_CLASSES]
@@ -152,8 +160,9 @@ def runs_table(runs: dict[str, dict]) -> str:
         )
     report = runs["QAT"]["report"]
     lines.append("")
+    features = [k for k, v in report["cpu_int8_capabilities"].items() if v is True]
     lines.append(
-        f"Machine: {report['cpu_model']}, int8 features {report['cpu_int8_capabilities']}, "
+        f"Machine: {report['cpu_model']} ({', '.join(features) or 'no int8 dot products'}), "
         f"{report['world_size']} ranks; torch {report['torch_version']}, torchao "
         f"{report['torchao_version']}; int8 target {report.get('int8_target')}."
     )
@@ -169,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, OSError, json.JSONDecodeError) as e:
         print(f"segmentation_table.py: {e}", file=sys.stderr)
         return 2
-    print(accuracy_table(runs["fp32"], runs["QAT"], runs["fp32 control"]))
+    print(accuracy_table(runs["QAT"], runs["fp32 control"]))
     print()
     print(latency_table(runs["QAT"], peers))
     print()

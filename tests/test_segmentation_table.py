@@ -48,6 +48,7 @@ def test_tables_from_three_runs(table, tmp_path, capsys):
     fp32 = _run(tmp_path / "fp32", fp32_metric_values=_values(0.60), fp32_miou=0.60)
     qat = _run(
         tmp_path / "qat",
+        start_fp32_metric_values=_values(0.58),
         ptq_int8_metric_values=_values(0.55),
         ptq_int8_miou=0.55,
         fp32_fake_quant_miou=0.594,
@@ -74,6 +75,7 @@ def test_tables_from_three_runs(table, tmp_path, capsys):
     assert table.main([*args, "--peers", str(peers)]) == 0
     out = capsys.readouterr().out
     assert "| PTQ int8 of those weights | QAT run, step 0 | 55.00 | 90.00 | 27.50 |" in out
+    assert "| fp32 (the fp32 run's final weights) | QAT run, step 0 | 58.00 |" in out
     assert "vs the fp32 control: -0.80 mIoU points" in out  # 59.2 - 60.0
     assert "vs PTQ int8: +4.20 points" in out
     assert "| 1 | 50.0 | 100.0 | 40.0 | 0.50 |" in out  # int8, fp32, the bench's OpenVINO
