@@ -344,7 +344,10 @@ def _ort_stack(
     quantize_static(
         str(pre_path), str(int8_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True
     )
-    options.optimized_model_filepath = str(folder / "optimized.onnx")  # what ORT will run
+    # What ORT will run, saved to count its int8 kernels. ORT warns that a graph optimised at
+    # this level (NCHWc layouts) may be specific to this machine: harmless, the file is only read
+    # here, on the machine that made it, and thrown away with the stack's temporary folder.
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
     session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
     run = _numpy_forward(lambda a: session.run(None, {input_name: a})[0])
     return run, ort_int8_kernels(folder / "optimized.onnx")

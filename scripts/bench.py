@@ -448,7 +448,13 @@ def run_peers(
                 f"  {stack}: relative logit error vs eager fp32 {a['rel_error']:.2e} "
                 f"(bound {a['bound']}: {'ok' if a['ok'] else 'NOT ok'}), "
                 f"{'pixel' if dense else 'top-1'} agreement "
-                f"{a['top1_agreement']:.2f} (not judged: random-init logits are near ties)"
+                f"{a['top1_agreement']:.2f} ("
+                + (
+                    "reported, not judged"
+                    if dense and (segmenter or {}).get("weights")
+                    else "not judged: random-init logits are near ties"
+                )
+                + ")"
                 + (f"; int8 conv/linear kernels {kernels[0]} of {kernels[1]}" if kernels else "")
             )
         for stack, reason in r["skipped"].items():
