@@ -247,6 +247,7 @@ class Segmentation(Task):
         self.aux_head = task_cfg.aux_weight > 0
         self._mean = torch.tensor(data_cfg.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(data_cfg.std, dtype=torch.float32).view(3, 1, 1)
+        self._colours = class_colours(self.num_classes)  # the pictures' class colours
 
     # --- data -----------------------------------------------------------------------------
 
@@ -347,18 +348,18 @@ class Segmentation(Task):
         pixels = (inputs.float() * self._std + self._mean).clamp(0, 1)
         return {
             "image": (pixels * 255).round().to(torch.uint8),
-            "ground_truth": colourise(target, class_colours(self.num_classes)),
+            "ground_truth": colourise(target, self._colours),
         }
 
     def prediction_images(self, outputs: Outputs) -> torch.Tensor:
         """Each pixel's predicted class (argmax of `out`) in the class colours."""
-        return colourise(logits_of(outputs).argmax(dim=1), class_colours(self.num_classes))
+        return colourise(logits_of(outputs).argmax(dim=1), self._colours)
 
     def frame_legend(self) -> str:
         """A Markdown table: class index, name (task.class_names), colour (RGB and hex)."""
         names = self.task_cfg.class_names or [str(c) for c in range(self.num_classes)]
         rows = ["| index | class | colour (RGB) |", "| --- | --- | --- |"]
-        for c, (name, rgb) in enumerate(zip(names, class_colours(self.num_classes).tolist())):
+        for c, (name, rgb) in enumerate(zip(names, self._colours.tolist())):
             rows.append(f"| {c} | {name} | {tuple(rgb)} #{bytes(rgb).hex()} |")
         rows.append(
             f"| {self.ignore_index} | ignored (task.ignore_index) | {IGNORED_COLOUR} #000000 |"
